@@ -1,0 +1,178 @@
+"""The ``detailfusion`` command: one entry point with subcommands; ``dvc.yaml`` calls these.
+
+Each subcommand imports its module lazily so ``detailfusion data stats`` does not pay for
+importing torch, and a failing command prints one clear line (the file and the problem)
+instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from detailfusion.errors import DetailFusionError
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from detailfusion.config import load_section
+    from detailfusion.data.synthetic import SynthConfig, generate
+
+    cfg = load_section(SynthConfig, args.params, "synthesize")
+    if args.seed is not None:
+        cfg.seed = args.seed
+    out = Path(args.out) if args.out else Path(_data_root(args.params))
+    summary = generate(cfg, out, progress=not args.quiet)
+    _print_json(summary)
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from detailfusion.config import load_section
+    from detailfusion.data.prepare import PrepareConfig, run_prepare
+
+    cfg = load_section(PrepareConfig, args.params, "prepare")
+    root = Path(args.root) if args.root else Path(_data_root(args.params))
+    out = Path(args.out) if args.out else cfg.out
+    summary = run_prepare(cfg, root, out, progress=not args.quiet)
+    _print_json(summary)
+    return 0
+
+
+def cmd_data_validate(args: argparse.Namespace) -> int:
+    from detailfusion.config import load_section
+    from detailfusion.data.validate import ValidateConfig, run_validate
+
+    cfg = load_section(ValidateConfig, args.params, "validate")
+    prepared = Path(args.prepared) if args.prepared else cfg.prepared
+    report_dir = Path(args.report_dir) if args.report_dir else cfg.report_dir
+    report = run_validate(cfg, prepared, report_dir)
+    print(report["summary_text"])
+    return 0
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from detailfusion.data.stats import dataset_stats
+
+    _print_json(dataset_stats(args.format, Path(args.root), split=args.split, category=args.category))
+    return 0
+
+
+# --------------------------------------------------------------------------- train / evaluate
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from detailfusion.train.stages import RUNNERS, StageContext
+
+    ctx = StageContext(args.params, models_dir=args.models_dir, metrics_dir=args.metrics_dir)
+    metrics = RUNNERS[args.stage](ctx, progress=not args.quiet)
+    _print_json(metrics)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from detailfusion.config import load_params, load_section
+    from detailfusion.eval.evaluate import EvaluateConfig, run_evaluate, write_test_submission
+
+    params = load_params(args.params)
+    cfg = load_section(EvaluateConfig, params, "evaluate", source=args.params)
+    prepared = Path(args.prepared or (params.get("prepare") or {}).get("out", "data/prepared"))
+    dataset = args.dataset or (params.get("stage2_branches") or {}).get("dataset", "cirr")
+    if args.split:
+        cfg.split = args.split
+    if args.submission_only:
+        paths = write_test_submission(Path(args.model), prepared, cfg.split, Path(args.out), cfg.batch_size,
+                                      progress=not args.quiet)
+        _print_json({"recall": str(paths[0]), "recall_subset": str(paths[1])})
+        return 0
+    summary = run_evaluate(cfg, Path(args.model), prepared, dataset, progress=not args.quiet)
+    _print_json(summary)
+    return 0
+
+
+def _data_root(params: str) -> str:
+    from detailfusion.config import load_params
+    from detailfusion.errors import ConfigError
+
+    data = load_params(params).get("data") or {}
+    if "root" not in data:
+        raise ConfigError(f"{params}: missing key data.root")
+    return str(data["root"])
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detailfusion", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="synthetic benchmark, native-format readers, prepare, validate")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+
+    p = dsub.add_parser("synth", help="write the synthetic detail benchmark in CIRR/FashionIQ/IPr2Pr formats")
+    p.add_argument("--out", help="output root (default: params data.root)")
+    p.add_argument("--seed", type=int, help="override synthesize.seed")
+    p.set_defaults(func=cmd_data_synth)
+
+    p = dsub.add_parser("prepare", help="native formats -> canonical manifests + decoded image cache")
+    p.add_argument("--root", help="raw data root holding cirr/ fashioniq/ ipr2pr/ (default: params data.root)")
+    p.add_argument("--out", help="output folder (default: params prepare.out)")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = dsub.add_parser("validate", help="Great Expectations suites on the prepared manifests")
+    p.add_argument("--prepared", help="prepared folder (default: params validate.prepared)")
+    p.add_argument("--report-dir", help="report folder (default: params validate.report_dir)")
+    p.set_defaults(func=cmd_data_validate)
+
+    p = dsub.add_parser("stats", help="JSON counts for a data set in a native format")
+    p.add_argument("format", choices=["cirr", "fashioniq", "ipr2pr"])
+    p.add_argument("root", help="data set root (the folder holding captions/ and image_splits/)")
+    p.add_argument("--split", help="only this split (cirr: train/val/test1; fashioniq: train/val/test)")
+    p.add_argument("--category", help="fashioniq only: dress, shirt or toptee")
+    p.set_defaults(func=cmd_data_stats)
+
+    p = sub.add_parser("train", help="run one training stage (stage1_detail, stage2_branches, stage3_fusion)")
+    p.add_argument("stage", choices=["stage1_detail", "stage2_branches", "stage3_fusion"])
+    p.add_argument("--models-dir", default="models")
+    p.add_argument("--metrics-dir", default="metrics")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="CIRR/FashionIQ protocol metrics, submission files, plots, report")
+    p.add_argument("--model", default="models/stage3/model", help="saved model folder (config.json + safetensors)")
+    p.add_argument("--prepared", help="prepared data folder (default: params prepare.out)")
+    p.add_argument("--dataset", choices=["cirr", "fashioniq"], help="default: params stage2_branches.dataset")
+    p.add_argument("--split", help="default: params evaluate.split")
+    p.add_argument("--submission-only", action="store_true",
+                   help="only write the CIRR test-server files for --split (e.g. test1) into --out")
+    p.add_argument("--out", default="reports/submission", help="folder for --submission-only files")
+    p.set_defaults(func=cmd_evaluate)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DetailFusionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""The ``prepare`` stage: native data sets -> canonical manifests + a decoded image cache.
+
+For each data set named in ``params.yaml: prepare.datasets`` it reads ``<root>/<name>`` with
+that format's reader, decodes every distinct gallery image file exactly once (targetpad to
+``image_size``), and writes ``<out>/<name>/``:
+
+* ``queries.parquet`` and ``images.parquet`` (the manifests; images gain ``pixel_index``,
+  ``width``, ``height`` and ``status``),
+* ``pixels.npy``: uint8 ``[n_ok, S, S, 3]``, streamed to disk through a memory map,
+* ``quarantine.json``: every missing or undecodable image with the exact reason,
+* ``summary.json``: counts per split,
+
+plus ``<out>/summary.json`` over all data sets. The run is atomic: everything is written into
+a temporary folder beside ``out`` and swapped in only when all data sets succeeded, so a
+structural error or Ctrl-C leaves the previous ``out`` as it was and no partial folder behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import secrets
+import shutil
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from detailfusion.data import get_reader
+from detailfusion.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageDecodeError,
+    decode_image,
+    preprocess_image,
+)
+from detailfusion.data.manifest import DATASETS, PREPARED_IMAGE_COLUMNS, QUERY_COLUMNS
+from detailfusion.data.native import NativeDataset
+from detailfusion.data.stats import breakdown
+from detailfusion.errors import DataFormatError
+
+log = logging.getLogger(__name__)
+
+# Below this many images a worker pool costs more to start than it saves.
+POOL_MIN_IMAGES = 4000
+POOL_CHUNKSIZE = 256
+POOL_BLOCK = 4096
+
+OK, MISSING, CORRUPT = "ok", "missing", "corrupt"
+
+
+@dataclass
+class PrepareConfig:
+    """``params.yaml: prepare``."""
+
+    out: Path = Path("data/prepared")
+    datasets: list[str] = field(default_factory=lambda: list(DATASETS))
+    image_size: int = 64
+    target_ratio: float = 1.25
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    # Decoding processes; 0 = auto: 2 for large galleries on machines with >= 4 cores, else 1
+    # (on 2 cores the pool's transfer overhead outweighs decoding small images in parallel).
+    workers: int = 0
+
+    def validate(self) -> None:
+        unknown = [d for d in self.datasets if d not in DATASETS]
+        if unknown:
+            raise ValueError(f"datasets: unknown {unknown}; allowed: {list(DATASETS)}")
+        if not self.datasets:
+            raise ValueError("datasets: empty list")
+        if len(set(self.datasets)) != len(self.datasets):
+            raise ValueError(f"datasets: duplicates in {self.datasets}")
+        if self.image_size < 8:
+            raise ValueError(f"image_size: must be >= 8, got {self.image_size}")
+        if self.target_ratio < 1.0:
+            raise ValueError(f"target_ratio: must be >= 1.0, got {self.target_ratio}")
+        if self.max_image_pixels <= 0:
+            raise ValueError(f"max_image_pixels: must be positive, got {self.max_image_pixels}")
+        if self.workers < 0:
+            raise ValueError(f"workers: must be >= 0, got {self.workers}")
+
+
+def run_prepare(
+    cfg: PrepareConfig, root: str | Path, out: str | Path, progress: bool = True
+) -> dict[str, Any]:
+    """Prepare every data set of ``cfg.datasets`` from ``root/<name>`` into ``out``; returns the summary."""
+    cfg.validate()
+    root, out = Path(root), Path(out)
+    for name in cfg.datasets:
+        if not (root / name).is_dir():
+            raise DataFormatError(root / name, f"data set folder not found (prepare.datasets lists {name!r})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        per_dataset = {}
+        for name in cfg.datasets:
+            ds = get_reader(name)(root / name)
+            per_dataset[name] = prepare_dataset(ds, tmp / name, cfg, progress=progress)
+        summary = {
+            "root": str(root),
+            "image_size": cfg.image_size,
+            "target_ratio": cfg.target_ratio,
+            "max_image_pixels": cfg.max_image_pixels,
+            "datasets": {
+                name: {
+                    k: s[k]
+                    for k in (
+                        "queries",
+                        "gallery_images",
+                        "unique_images",
+                        "images_found",
+                        "images_ok",
+                        "quarantined",
+                    )
+                }
+                for name, s in per_dataset.items()
+            },
+            "warnings": [f"{name}: {w}" for name, s in per_dataset.items() for w in s["warnings"]],
+        }
+        _write_json(tmp / "summary.json", summary)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def prepare_dataset(
+    ds: NativeDataset, dest: Path, cfg: PrepareConfig, progress: bool = True
+) -> dict[str, Any]:
+    """Write one data set's manifests, pixel cache, quarantine list and summary into ``dest``."""
+    dest.mkdir(parents=True)
+    images = ds.images.copy()
+    paths = images["path"].tolist()
+    unique = list(dict.fromkeys(paths))
+    size = cfg.image_size
+
+    pixels = np.lib.format.open_memmap(
+        dest / "pixels.npy", mode="w+", dtype=np.uint8, shape=(len(unique), size, size, 3)
+    )
+    header_len = pixels.offset
+    results: dict[str, tuple[str, str, int | None, int | None, int]] = {}
+    n_ok = 0
+    bar = tqdm(total=len(unique), desc=f"prepare {ds.name}", unit="img", disable=not progress)
+    decoded = _decode_all(ds, unique, cfg)
+    try:
+        for path, (status, reason, w, h, arr) in zip(unique, decoded, strict=True):
+            index = -1
+            if status == OK:
+                pixels[n_ok] = arr
+                index = n_ok
+                n_ok += 1
+            results[path] = (status, reason, w, h, index)
+            bar.update()
+    finally:
+        decoded.close()  # stops the worker pool at once on an error or Ctrl-C
+        bar.close()
+    pixels.flush()
+    del pixels
+    _shrink_npy(dest / "pixels.npy", header_len, (n_ok, size, size, 3))
+
+    images["pixel_index"] = [results[p][4] for p in paths]
+    images["width"] = pd.array([results[p][2] for p in paths], dtype="Int64")
+    images["height"] = pd.array([results[p][3] for p in paths], dtype="Int64")
+    images["status"] = [results[p][0] for p in paths]
+    write_table(ds.queries, dest / "queries.parquet", QUERY_COLUMNS)
+    write_table(images, dest / "images.parquet", PREPARED_IMAGE_COLUMNS)
+
+    quarantine = _quarantine(images, results)
+    _write_json(dest / "quarantine.json", quarantine)
+
+    status = images["status"].to_numpy()
+    found_unique = sum(1 for p in unique if results[p][0] != MISSING)
+    warnings = list(ds.warnings)
+    if unique and found_unique == 0 and not any(w.startswith("images absent") for w in warnings):
+        warnings.append(f"images absent: all {len(unique)} image files missing; every image quarantined")
+    for w in warnings:
+        log.warning("%s: %s", ds.name, w)
+    summary = {
+        "dataset": ds.name,
+        "source": str(ds.root),
+        "queries": len(ds.queries),
+        "gallery_images": len(images),
+        "unique_images": len(unique),
+        "images_found": found_unique,
+        "images_ok": n_ok,
+        "quarantined": {
+            MISSING: sum(1 for q in quarantine if q["status"] == MISSING),
+            CORRUPT: sum(1 for q in quarantine if q["status"] == CORRUPT),
+        },
+        "splits": breakdown(ds.queries, images, status != MISSING, status == OK),
+        "warnings": warnings,
+    }
+    _write_json(dest / "summary.json", summary)
+    return summary
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _decode_all(ds: NativeDataset, unique: list[str], cfg: PrepareConfig) -> Generator[tuple, None, None]:
+    """Decode results in the order of ``unique``; a pool when the gallery is large enough."""
+    decode = functools.partial(
+        decode_task, size=cfg.image_size, target_ratio=cfg.target_ratio, max_image_pixels=cfg.max_image_pixels
+    )
+    tasks = _tasks(ds, unique)
+    workers = cfg.workers or (2 if len(unique) >= POOL_MIN_IMAGES and (os.cpu_count() or 1) >= 4 else 1)
+    if workers <= 1:
+        yield from map(decode, tasks)
+        return
+    # fork: workers inherit the imported modules; spawn would re-import pandas/pyarrow per worker.
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(workers) as pool:
+        # Pool.imap drains its input eagerly; feeding bounded blocks keeps embedded (parquet)
+        # image bytes from piling up in memory.
+        while block := list(itertools.islice(tasks, POOL_BLOCK)):
+            yield from pool.imap(decode, block, chunksize=POOL_CHUNKSIZE)
+
+
+def _tasks(
+    ds: NativeDataset, unique: list[str]
+) -> Iterator[tuple[str, str | None, bytes | None, str | None]]:
+    """(path, file to read, bytes already read, missing reason): files are read by the decoder so
+    the pool parallelises I/O too; embedded (parquet) images are read here."""
+    root = os.fspath(ds.root)
+    for path in unique:
+        if not ds.embedded:
+            yield path, os.path.join(root, path), None, None
+            continue
+        try:
+            yield path, None, ds.open_image_bytes(path), None
+        except FileNotFoundError as exc:
+            yield path, None, None, str(exc)
+
+
+def decode_task(
+    task: tuple[str, str | None, bytes | None, str | None],
+    *,
+    size: int,
+    target_ratio: float,
+    max_image_pixels: int,
+) -> tuple[str, str, int | None, int | None, np.ndarray | None]:
+    """One image -> (status, reason, width, height, pixels); never raises for bad images."""
+    path, file, data, missing = task
+    if missing is not None:
+        return MISSING, missing, None, None, None
+    if file is not None:
+        try:
+            with open(file, "rb") as fh:
+                data = fh.read()
+        except (FileNotFoundError, IsADirectoryError):
+            return MISSING, f"file not found: {path}", None, None, None
+        except OSError as exc:
+            return CORRUPT, f"unreadable file: {type(exc).__name__}: {exc}", None, None, None
+    assert data is not None
+    try:
+        img = decode_image(data, max_image_pixels=max_image_pixels)
+        w, h = img.size
+        arr = preprocess_image(img, size, target_ratio)
+    except ImageDecodeError as exc:
+        return CORRUPT, exc.reason, None, None, None
+    return OK, "", w, h, arr
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def write_table(df: pd.DataFrame, path: Path, columns: dict[str, str]) -> None:
+    """Write a manifest frame as parquet with explicit arrow types (empty and all-null columns too)."""
+    arrays = {}
+    for col, dtype in columns.items():
+        values = df[col].tolist()
+        if dtype == "object":
+            arrays[col] = pa.array([list(v) for v in values], type=pa.list_(pa.string()))
+        elif dtype == "str":
+            arrays[col] = pa.array([None if _isnull(v) else str(v) for v in values], type=pa.string())
+        else:
+            arrays[col] = pa.array([None if _isnull(v) else int(v) for v in values], type=pa.int64())
+    pq.write_table(pa.table(arrays), path)
+
+
+def _isnull(value: Any) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value)
+
+
+def _quarantine(images: pd.DataFrame, results: dict) -> list[dict[str, Any]]:
+    bad = images[images["status"] != OK]
+    entries: dict[str, dict[str, Any]] = {}
+    for row in bad.itertuples(index=False):
+        label = f"{row.category}.{row.split}" if row.category else row.split
+        entry = entries.get(row.path)
+        if entry is None:
+            status, reason = results[row.path][:2]
+            entry = entries[row.path] = {
+                "image_id": row.image_id,
+                "path": row.path,
+                "splits": [],
+                "status": status,
+                "reason": reason,
+            }
+        if label not in entry["splits"]:
+            entry["splits"].append(label)
+    return list(entries.values())
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _npy_header(shape: tuple[int, ...], length: int) -> bytes:
+    """A version 1.0 ``.npy`` header for uint8 C-order data, space-padded to exactly ``length`` bytes."""
+    body = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape!r}, }}".encode("latin1")
+    pad = length - (10 + len(body) + 1)
+    if pad < 0:
+        raise ValueError(f"npy header for shape {shape} does not fit in {length} bytes")
+    return b"\x93NUMPY\x01\x00" + (len(body) + pad + 1).to_bytes(2, "little") + body + b" " * pad + b"\n"
+
+
+def _shrink_npy(path: Path, header_len: int, shape: tuple[int, ...]) -> None:
+    """Rewrite the shape in place and cut the file to the images that decoded.
+
+    The memory map was sized for every distinct image before knowing which decode; rewriting
+    the header (same length: fewer or equal digits) and truncating avoids copying the data.
+    """
+    with open(path, "r+b") as fh:
+        fh.write(_npy_header(shape, header_len))
+        fh.truncate(header_len + int(np.prod(shape)))
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace ``out`` with ``tmp`` (the old one is moved aside first and restored on failure)."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Clean up after runs that were killed outright (their process is gone): delete their temp
+    folders, and put back a previous ``out`` that was moved aside just before the swap."""
+    for p in sorted(out.parent.glob(f".{out.name}.*-*-*")):
+        kind, _, rest = p.name[len(out.name) + 2 :].partition("-")
+        pid_text = rest.split("-", 1)[0]
+        if (
+            kind not in ("tmp", "old")
+            or not pid_text.isdigit()
+            or not p.is_dir()
+            or _pid_alive(int(pid_text))
+        ):
+            continue
+        if kind == "old" and not out.exists():
+            os.rename(p, out)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

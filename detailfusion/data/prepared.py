@@ -1,0 +1,132 @@
+"""Loading what ``prepare`` wrote: manifests plus the memory-mapped pixel cache.
+
+Training and evaluation read only this (never the native files):
+
+    ds = load_prepared("data/prepared", "cirr")
+    ids, idx = ds.gallery("val")            # split-file order; idx -1 marks a quarantined image
+    ref = ds.pixels[ds.pixel_index("val", "dev-1-0-img0")]
+
+Missing or inconsistent files raise a DataFormatError naming the file, so a half-copied
+prepared folder fails at load time rather than as a shape error inside a training step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from detailfusion.data.manifest import LIST_COLUMNS, PREPARED_IMAGE_COLUMNS, QUERY_COLUMNS
+from detailfusion.errors import DataFormatError
+
+
+@dataclass
+class PreparedDataset:
+    """One prepared data set: ``queries``, ``images`` (with ``pixel_index``/``status``) and ``pixels``."""
+
+    name: str
+    path: Path
+    queries: pd.DataFrame
+    images: pd.DataFrame
+    pixels: np.ndarray
+    summary: dict[str, Any]
+    _lookup: dict[tuple[str, str, str], int] = field(default_factory=dict, repr=False)
+
+    def pixel_index(self, split: str, image_id: str, category: str = "") -> int:
+        """Row of ``pixels`` for a gallery image (-1 if quarantined); KeyError if not in that gallery."""
+        if not self._lookup:
+            im = self.images
+            self._lookup = dict(
+                zip(
+                    zip(im["split"], im["category"], im["image_id"], strict=True),
+                    im["pixel_index"],
+                    strict=True,
+                )
+            )
+        key = (split, category, image_id)
+        if key not in self._lookup:
+            where = f"{split}/{category}" if category else split
+            raise KeyError(f"{self.name}: image {image_id!r} is not in the {where} gallery")
+        return int(self._lookup[key])
+
+    def gallery(self, split: str, category: str = "") -> tuple[list[str], np.ndarray]:
+        """(image ids, pixel indices) of one gallery in split-file order, quarantined ones included (-1)."""
+        im = self.images
+        sel = im[(im["split"] == split) & (im["category"] == category)]
+        if sel.empty:
+            have = sorted({f"{s}/{c}" if c else s for s, c in zip(im["split"], im["category"], strict=True)})
+            raise KeyError(f"{self.name}: no gallery for split {split!r} category {category!r}; have {have}")
+        return sel["image_id"].tolist(), sel["pixel_index"].to_numpy(dtype=np.int64)
+
+    def split_queries(self, split: str, category: str = "") -> pd.DataFrame:
+        """The queries of one split (and category), in file order."""
+        q = self.queries
+        return q[(q["split"] == split) & (q["category"] == category)].reset_index(drop=True)
+
+
+def load_prepared(prepared_dir: str | Path, dataset: str) -> PreparedDataset:
+    """Load ``prepared_dir/dataset`` as written by ``prepare``; checks the files agree."""
+    path = Path(prepared_dir) / dataset
+    if not path.is_dir():
+        raise DataFormatError(path, "prepared data set not found (run `detailfusion data prepare` first)")
+    queries = _read_manifest(path / "queries.parquet", QUERY_COLUMNS)
+    images = _read_manifest(path / "images.parquet", PREPARED_IMAGE_COLUMNS)
+    summary_path = path / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataFormatError(summary_path, "file not found") from None
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(
+            summary_path, f"malformed JSON at line {exc.lineno} column {exc.colno}"
+        ) from None
+
+    pixels_path = path / "pixels.npy"
+    try:
+        pixels = np.load(pixels_path, mmap_mode="r")
+    except FileNotFoundError:
+        raise DataFormatError(pixels_path, "file not found") from None
+    except (ValueError, OSError) as exc:
+        raise DataFormatError(pixels_path, f"not a readable .npy array: {exc}") from None
+    if (
+        pixels.dtype != np.uint8
+        or pixels.ndim != 4
+        or pixels.shape[3] != 3
+        or pixels.shape[1] != pixels.shape[2]
+    ):
+        raise DataFormatError(pixels_path, f"expected uint8 [n, S, S, 3], got {pixels.dtype} {pixels.shape}")
+    n_ok = int((images["status"] == "ok").sum())
+    top = int(images["pixel_index"].max()) if len(images) else -1
+    if len(pixels) != len(images.loc[images["status"] == "ok", "path"].unique()) or top >= len(pixels):
+        raise DataFormatError(
+            pixels_path,
+            f"holds {len(pixels)} images but images.parquet has {n_ok} ok rows (max pixel_index {top})",
+        )
+    return PreparedDataset(
+        name=dataset, path=path, queries=queries, images=images, pixels=pixels, summary=summary
+    )
+
+
+def _read_manifest(path: Path, columns: dict[str, str]) -> pd.DataFrame:
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise DataFormatError(path, "file not found") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise DataFormatError(path, f"not a readable parquet file: {exc}") from None
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataFormatError(path, f"missing column(s) {missing}")
+    df = table.select(list(columns)).to_pandas()
+    for col, dtype in columns.items():
+        if col in LIST_COLUMNS:
+            df[col] = [list(v) if v is not None else [] for v in df[col]]
+        elif dtype in ("Int64", "int64"):
+            df[col] = df[col].astype(dtype)
+    return df

@@ -1,0 +1,109 @@
+"""The ``synthesize:`` section of ``params.yaml`` as typed, validated dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _int(name: str, value: object) -> None:
+    # Called directly (not through load_section), a config may carry a wrong type; say so plainly.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def _positive(name: str, value: int) -> None:
+    _int(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _fraction(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
+@dataclass
+class CirrSynthConfig:
+    """CIRR-format composed queries: counts per split and how queries share 6-image sets."""
+
+    train_queries: int = 20000
+    val_queries: int = 2000
+    test1_queries: int = 500
+    queries_per_set: int = 4
+    two_edit_fraction: float = 0.3
+
+    def validate(self) -> None:
+        for name in ("train_queries", "val_queries", "test1_queries"):
+            _positive(f"cirr.{name}", getattr(self, name))
+        _int("cirr.queries_per_set", self.queries_per_set)
+        if not 1 <= self.queries_per_set <= 5:
+            # A set is the reference plus 5 variants; each query's target is one variant.
+            raise ValueError(f"cirr.queries_per_set must be in 1..5, got {self.queries_per_set}")
+        _fraction("cirr.two_edit_fraction", self.two_edit_fraction)
+
+
+@dataclass
+class FiqSynthConfig:
+    """FashionIQ-format garment queries per category and split."""
+
+    train_per_category: int = 1200
+    val_per_category: int = 300
+    test_per_category: int = 150
+    shared_fraction: float = 0.02
+
+    def validate(self) -> None:
+        for name in ("train_per_category", "val_per_category", "test_per_category"):
+            _positive(f"fashioniq.{name}", getattr(self, name))
+        _fraction("fashioniq.shared_fraction", self.shared_fraction)
+
+
+@dataclass
+class Ipr2prSynthConfig:
+    """IPr2Pr-format (HF parquet) atomic edits."""
+
+    originals: int = 1000
+    edits_per_original: int = 3
+    shards: int = 2
+
+    def validate(self) -> None:
+        _positive("ipr2pr.originals", self.originals)
+        _positive("ipr2pr.edits_per_original", self.edits_per_original)
+        _positive("ipr2pr.shards", self.shards)
+        if self.edits_per_original > 12:
+            raise ValueError(f"ipr2pr.edits_per_original must be <= 12, got {self.edits_per_original}")
+        if self.shards > self.originals:
+            raise ValueError(f"ipr2pr.shards ({self.shards}) must not exceed ipr2pr.originals ({self.originals})")
+        if self.shards > 99999:
+            raise ValueError(f"ipr2pr.shards must be <= 99999, got {self.shards}")
+
+
+@dataclass
+class SynthConfig:
+    """Everything the synthetic benchmark generator reads (``params.yaml`` section ``synthesize``)."""
+
+    seed: int = 20261126
+    image_size: int = 64
+    render_scale: int = 2
+    cirr: CirrSynthConfig = field(default_factory=CirrSynthConfig)
+    fashioniq: FiqSynthConfig = field(default_factory=FiqSynthConfig)
+    ipr2pr: Ipr2prSynthConfig = field(default_factory=Ipr2prSynthConfig)
+
+    def validate(self) -> None:
+        for name in ("seed", "image_size", "render_scale"):
+            _int(name, getattr(self, name))
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16 pixels, got {self.image_size}")
+        if self.image_size > 1024:
+            raise ValueError(f"image_size must be <= 1024 pixels, got {self.image_size}")
+        if not 1 <= self.render_scale <= 8:
+            raise ValueError(f"render_scale must be in 1..8, got {self.render_scale}")
+        for name, cls in (("cirr", CirrSynthConfig), ("fashioniq", FiqSynthConfig), ("ipr2pr", Ipr2prSynthConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+        self.cirr.validate()
+        self.fashioniq.validate()
+        self.ipr2pr.validate()

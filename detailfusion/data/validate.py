@@ -1,0 +1,427 @@
+"""The ``validate`` stage: Great Expectations suites on the prepared manifests, a report, Data Docs.
+
+For each prepared data set folder (``<prepared>/<cirr|fashioniq|ipr2pr>/`` written by
+``prepare``: ``queries.parquet``, ``images.parquet``, ``quarantine.json``, ``pixels.npy``) it
+validates one ``queries`` suite and one ``images`` suite (the rules are in
+:mod:`detailfusion.data.validation.checks`), then writes into ``report_dir``:
+
+* ``report.json``: per data set, per suite, per expectation the verdict, the observed value,
+  the number of offending rows and a few of their ids, plus the overall ``success`` and a
+  readable ``summary_text``;
+* ``data_docs/index.html``: the Great Expectations Data Docs site of this run.
+
+Both are replaced atomically (written aside, then renamed), so a crash never leaves a
+half-written report. When any expectation fails, the report and Data Docs are written first
+and then :class:`~detailfusion.errors.ValidationFailed` is raised with the summary, which stops
+the DVC pipeline with a message naming the data set, table, column and offending ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from detailfusion.config import to_dict
+from detailfusion.data.manifest import DATASETS, PREPARED_IMAGE_COLUMNS, QUERY_COLUMNS
+from detailfusion.data.validation.checks import (
+    IMAGE_ID_COLUMNS,
+    QUERY_ID_COLUMNS,
+    TABLE_LEVEL,
+    Check,
+    image_checks,
+    image_frame,
+    query_checks,
+    query_frame,
+)
+from detailfusion.data.validation.gx_runner import TableRun, gx_version, run_suites
+from detailfusion.errors import DataFormatError, ValidationFailed
+
+REPORT_NAME = "report.json"
+DOCS_NAME = "data_docs"
+
+
+@dataclass
+class ValidateConfig:
+    """The ``validate:`` section of ``params.yaml``."""
+
+    prepared: Path = Path("data/prepared")
+    report_dir: Path = Path("reports/validation")
+    # Share of gallery images (per data set) allowed in quarantine; real FashionIQ needs ~0.02.
+    max_quarantined_fraction: float = 0.0
+    max_caption_words: int = 80
+    min_image_side: int = 8
+    max_image_side: int = 20000
+
+    def validate(self) -> None:
+        """Raise ValueError when a value makes no sense."""
+        if not 0.0 <= self.max_quarantined_fraction <= 1.0:
+            raise ValueError(
+                f"max_quarantined_fraction must be in [0, 1], got {self.max_quarantined_fraction}"
+            )
+        if self.max_caption_words < 1:
+            raise ValueError(f"max_caption_words must be >= 1, got {self.max_caption_words}")
+        if self.min_image_side < 1:
+            raise ValueError(f"min_image_side must be >= 1, got {self.min_image_side}")
+        if self.max_image_side < self.min_image_side:
+            raise ValueError(
+                f"max_image_side ({self.max_image_side}) must be >= min_image_side ({self.min_image_side})"
+            )
+
+
+@dataclass
+class PreparedDataset:
+    """The files of one prepared data set folder, loaded."""
+
+    name: str
+    folder: Path
+    queries: pd.DataFrame
+    images: pd.DataFrame
+    quarantine: list[dict[str, str]]
+    n_pixels: int
+    notes: list[str] = field(default_factory=list)
+
+
+def run_validate(cfg: ValidateConfig, prepared: Path, report_dir: Path) -> dict[str, Any]:
+    """Validate every prepared data set under ``prepared``; write the report and Data Docs.
+
+    Returns ``{"success", "summary_text", "report_path", "data_docs_index", "report"}``.
+    Raises :class:`ValidationFailed` (after writing both) when an expectation fails, and
+    :class:`DataFormatError` when a prepared folder is absent, incomplete or unreadable.
+    """
+    cfg.validate()
+    prepared, report_dir = Path(prepared), Path(report_dir)
+    datasets = [load_prepared(prepared / name, name) for name in find_datasets(prepared)]
+
+    runs: list[TableRun] = []
+    for ds in datasets:
+        qchecks = query_checks(ds.name, ds.queries, max_caption_words=cfg.max_caption_words)
+        ichecks = image_checks(
+            ds.name,
+            max_quarantined_fraction=cfg.max_quarantined_fraction,
+            min_image_side=cfg.min_image_side,
+            max_image_side=cfg.max_image_side,
+            n_pixels=ds.n_pixels,
+        )
+        if ds.name == "ipr2pr":
+            unchecked = sorted({"reference_caption", "target_caption"} - {c.about for c in qchecks})
+            ds.notes += [
+                f"{c} is null on every row (no prompt column in the source): not checked" for c in unchecked
+            ]
+        runs.append(
+            TableRun(
+                ds.name, "queries", query_frame(ds.queries, ds.images, ds.name), qchecks, QUERY_ID_COLUMNS
+            )
+        )
+        runs.append(
+            TableRun(ds.name, "images", image_frame(ds.images, ds.quarantine), ichecks, IMAGE_ID_COLUMNS)
+        )
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    docs_tmp = Path(tempfile.mkdtemp(prefix=f".{DOCS_NAME}-", dir=report_dir))
+    try:
+        results = run_suites(runs, docs_tmp)
+        report = build_report(cfg, prepared, report_dir, datasets, runs, results, gx_version())
+        _replace_dir(docs_tmp, report_dir / DOCS_NAME)
+    finally:
+        shutil.rmtree(docs_tmp, ignore_errors=True)
+    report_path = report_dir / REPORT_NAME
+    _write_json_atomic(report_path, report)
+
+    if not report["success"]:
+        raise ValidationFailed(report["summary_text"])
+    return {
+        "success": report["success"],
+        "summary_text": report["summary_text"],
+        "report_path": str(report_path),
+        "data_docs_index": str(report_dir / DOCS_NAME / "index.html"),
+        "report": report,
+    }
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def find_datasets(prepared: Path) -> list[str]:
+    """Names of the data set folders present under ``prepared`` (at least one, else an error)."""
+    if not prepared.is_dir():
+        raise DataFormatError(prepared, "prepared folder not found; run `detailfusion data prepare` first")
+    names = [name for name in DATASETS if (prepared / name).is_dir()]
+    if not names:
+        raise DataFormatError(
+            prepared,
+            f"no prepared data set folder found (expected one of {', '.join(d + '/' for d in DATASETS)})",
+        )
+    return names
+
+
+def load_prepared(folder: Path, name: str) -> PreparedDataset:
+    """Load one prepared folder; structural problems raise :class:`DataFormatError` naming the file."""
+    queries = _read_table(folder / "queries.parquet", QUERY_COLUMNS)
+    images = _read_table(folder / "images.parquet", PREPARED_IMAGE_COLUMNS)
+    return PreparedDataset(
+        name=name,
+        folder=folder,
+        queries=queries,
+        images=images,
+        quarantine=_read_quarantine(folder / "quarantine.json"),
+        n_pixels=_pixel_rows(folder / "pixels.npy"),
+    )
+
+
+def _read_table(path: Path, schema: dict[str, str]) -> pd.DataFrame:
+    columns = list(schema)
+    if not path.is_file():
+        raise DataFormatError(path, "file not found; run `detailfusion data prepare` first")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a broken file
+        raise DataFormatError(path, f"cannot read parquet: {exc}") from exc
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataFormatError(path, f"missing column(s) {missing}")
+    for col in columns:
+        # Parquet written without pandas metadata reads a nullable int column back as float.
+        if schema[col] in ("Int64", "int64") and not pd.api.types.is_integer_dtype(df[col]):
+            try:
+                df[col] = df[col].astype("Int64")
+            except (TypeError, ValueError) as exc:
+                raise DataFormatError(path, f"column {col!r} must hold integers: {exc}") from exc
+    return df.reset_index(drop=True)
+
+
+def _read_quarantine(path: Path) -> list[dict[str, str]]:
+    """The prepare stage's quarantine list as ``{image_id, path, reason}`` with ``reason`` = "status: why"."""
+    if not path.is_file():
+        raise DataFormatError(path, "file not found; run `detailfusion data prepare` first")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataFormatError(path, f"not valid JSON: {exc}") from exc
+    if not isinstance(entries, list):
+        raise DataFormatError(
+            path, f"expected a JSON list of quarantined images, got {type(entries).__name__}"
+        )
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("image_id"), str):
+            raise DataFormatError(path, "entry must be an object with a string image_id", record=i)
+        reason = ": ".join(str(entry[k]) for k in ("status", "reason") if entry.get(k))
+        out.append({"image_id": entry["image_id"], "path": str(entry.get("path") or ""), "reason": reason})
+    return out
+
+
+def _pixel_rows(path: Path) -> int:
+    if not path.is_file():
+        raise DataFormatError(path, "file not found; run `detailfusion data prepare` first")
+    try:
+        # mmap reads only the header: the cache can be hundreds of MB.
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataFormatError(path, f"not a readable .npy array: {exc}") from exc
+    if arr.ndim < 1:
+        raise DataFormatError(path, f"expected one row per image, got a {arr.ndim}-d array")
+    return int(arr.shape[0])
+
+
+# --------------------------------------------------------------------------- report
+
+
+def build_report(
+    cfg: ValidateConfig,
+    prepared: Path,
+    report_dir: Path,
+    datasets: list[PreparedDataset],
+    runs: list[TableRun],
+    results: dict[str, dict[str, dict[str, Any]]],
+    gx_version: str,
+) -> dict[str, Any]:
+    """The JSON report: per data set, per suite, per expectation; ``summary_text`` at the top."""
+    notes = {ds.name: ds.notes for ds in datasets}
+    report_datasets: dict[str, Any] = {}
+    failures: list[dict[str, Any]] = []
+    n_expectations = 0
+    for run in runs:
+        entries = []
+        for check in run.checks:
+            res = results[run.suite_name].get(check.name) or _missing_result()
+            entry = {**_describe(check), **res, "unexpected_examples": _examples(res, run.id_columns)}
+            entries.append(entry)
+            n_expectations += 1
+            if not entry["success"]:
+                failures.append({"dataset": run.dataset, "table": run.table, **entry})
+        ds_entry = report_datasets.setdefault(
+            run.dataset, {"success": True, "notes": notes[run.dataset], "tables": {}}
+        )
+        table_ok = all(e["success"] for e in entries)
+        ds_entry["tables"][run.table] = {
+            "suite": run.suite_name,
+            "rows": len(run.frame),
+            "success": table_ok,
+            "expectations": entries,
+        }
+        ds_entry["success"] = ds_entry["success"] and table_ok
+
+    report: dict[str, Any] = {
+        "success": not failures,
+        "summary_text": "",
+        "prepared": str(prepared),
+        "data_docs": f"{DOCS_NAME}/index.html",
+        "great_expectations_version": gx_version,
+        "params": to_dict(cfg),
+        "expectations": n_expectations,
+        "failed": len(failures),
+        "datasets": report_datasets,
+        "failures": [
+            {
+                k: f[k]
+                for k in (
+                    "dataset",
+                    "table",
+                    "about",
+                    "check",
+                    "expectation",
+                    "expected",
+                    "unexpected_count",
+                    "element_count",
+                    "unexpected_examples",
+                )
+            }
+            for f in failures
+        ],
+    }
+    report["summary_text"] = summary_text(report, report_dir)
+    return report
+
+
+def summary_text(report: dict[str, Any], report_dir: Path) -> str:
+    """A readable multi-line summary: one line per failed expectation, or per data set when all pass."""
+    names = ", ".join(report["datasets"])
+    where = f"Report: {report_dir / REPORT_NAME}; Data Docs: {report_dir / report['data_docs']}"
+    if report["success"]:
+        lines = [
+            f"Data validation passed: {report['expectations']} expectations on {names} ({report['prepared']})"
+        ]
+        for name, ds in report["datasets"].items():
+            tables = ", ".join(
+                f"{t} {v['rows']} rows / {len(v['expectations'])} expectations"
+                for t, v in ds["tables"].items()
+            )
+            lines.append(f"  {name}: {tables}")
+            lines += [f"  {name}: note: {n}" for n in ds["notes"]]
+        return "\n".join([*lines, where])
+
+    lines = [
+        f"Data validation FAILED: {report['failed']} of {report['expectations']} expectations failed "
+        f"on {names} ({report['prepared']})"
+    ]
+    for name, ds in report["datasets"].items():
+        for table, t in ds["tables"].items():
+            for e in t["expectations"]:
+                if not e["success"]:
+                    what = "whole table" if e["about"] == TABLE_LEVEL else f"column {e['about']!r}"
+                    lines.append(f"  - {name} / {table} / {what}: {_failure_line(e, table)}")
+    return "\n".join([*lines, where])
+
+
+def _failure_line(e: dict[str, Any], table: str) -> str:
+    text = f"expected: {e['expected']}"
+    if e["row_condition"]:
+        text += f" (rows where {e['row_condition']})"
+    gx = e["expectation"] + ("" if e["column"] in (None, e["about"]) else f" on {e['column']}")
+    if e["exception"]:
+        return f"{text}; the check raised an error: {e['exception']} [{gx}]"
+    count, total = e["unexpected_count"], e["element_count"]
+    if count is None:
+        return f"{text}; observed: {e['observed_value']} [{gx}]"
+    text += f"; {count} of {total} rows failed"
+    if e["unexpected_examples"]:
+        id_name = "query_id" if table == "queries" else "split/category/image_id"
+        text += f"; {id_name} e.g. " + ", ".join(e["unexpected_examples"])
+    # Values of a helper column are just False; those of a manifest column say what is wrong.
+    if e["unexpected_values"] and e["column"] == e["about"]:
+        values = list(
+            dict.fromkeys(repr(v) if isinstance(v, str) else str(v) for v in e["unexpected_values"])
+        )
+        text += "; values e.g. " + ", ".join(values)
+    return f"{text} [{gx}]"
+
+
+def _describe(check: Check) -> dict[str, Any]:
+    return {
+        "check": check.name,
+        "expectation": _snake(check.expectation),
+        "column": check.column,
+        "about": check.about,
+        "expected": check.expected,
+        "row_condition": None if check.row_condition is None else str(check.row_condition),
+        "kwargs": check.kwargs,
+    }
+
+
+def _examples(res: dict[str, Any], id_columns: tuple[str, ...]) -> list[str]:
+    """Offending rows as short ids (``query_id``, or ``split/category/image_id (reason)``), deduplicated."""
+    out: list[str] = []
+    for row in res.get("unexpected_rows") or []:
+        if id_columns == QUERY_ID_COLUMNS:
+            text = str(row.get("query_id"))
+        else:
+            text = "/".join(
+                str(row.get(c)) for c in ("split", "category", "image_id") if row.get(c) not in ("", None)
+            )
+            if row.get("quarantine_reason"):
+                text += f" ({row['quarantine_reason']})"
+        if text not in out:
+            out.append(text)
+    return out
+
+
+def _missing_result() -> dict[str, Any]:
+    # Only reachable if GX dropped an expectation from its results; count it as a failure.
+    return {
+        "success": False,
+        "observed_value": None,
+        "element_count": None,
+        "unexpected_count": None,
+        "unexpected_percent": None,
+        "unexpected_rows": [],
+        "unexpected_values": [],
+        "exception": "no result returned by Great Expectations",
+    }
+
+
+def _snake(class_name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in class_name).lstrip("_")
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Put folder ``new`` at ``dest``; the old ``dest`` is moved aside first and removed last."""
+    old = dest.with_name(f".{dest.name}-old-{uuid.uuid4().hex[:8]}")
+    if dest.exists():
+        dest.rename(old)
+    new.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)

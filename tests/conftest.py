@@ -1,0 +1,84 @@
+"""Shared fixtures: the REAL params.yaml, shrunk (tiny data, a few steps, CPU) with every output
+under a temporary folder, so tests exercise what users run rather than a test-only config."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_ANNOTATIONS = REPO_ROOT.parent / "shared" / "real-annotations"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def shrink_params(params: dict, root: Path) -> dict:
+    """The real params with tiny sizes and every path under ``root``."""
+    p = yaml.safe_load(yaml.safe_dump(params))
+    p["data"]["root"] = str(root / "data" / "synthetic")
+    s = p["synthesize"]
+    s["cirr"].update(train_queries=160, val_queries=48, test1_queries=40)
+    s["fashioniq"].update(train_per_category=24, val_per_category=12, test_per_category=6)
+    s["ipr2pr"].update(originals=24, edits_per_original=3, shards=2)
+    p["prepare"]["out"] = str(root / "data" / "prepared")
+    p["validate"].update(prepared=str(root / "data" / "prepared"), report_dir=str(root / "reports" / "validation"))
+    for stage, steps in (("stage1_detail", 3), ("stage2_branches", 4), ("stage3_fusion", 3)):
+        loop = p[stage]["loop"]
+        loop.update(max_steps=steps, batch_size=16, warmup_steps=1, checkpoint_every=2, log_every=1)
+    p["stage3_fusion"]["cache_queries"] = 64
+    p["evaluate"].update(
+        bootstrap=50,
+        report_samples=3,
+        out_metrics=str(root / "metrics" / "eval.json"),
+        out_plots=str(root / "plots"),
+        out_reports=str(root / "reports"),
+    )
+    return p
+
+
+@pytest.fixture(scope="session")
+def real_params() -> dict:
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+@pytest.fixture
+def shrunk_params(tmp_path: Path, real_params: dict) -> Path:
+    """A shrunk copy of params.yaml in ``tmp_path``; returns its path."""
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(shrink_params(real_params, tmp_path), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory, real_params) -> dict:
+    """Synthetic data generated and prepared once per session with the shrunk params."""
+    from detailfusion.config import load_section
+    from detailfusion.data.prepare import PrepareConfig, run_prepare
+    from detailfusion.data.synthetic import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("world")
+    params = shrink_params(real_params, root)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    generate(load_section(SynthConfig, params, "synthesize"), Path(params["data"]["root"]), progress=False)
+    prep = load_section(PrepareConfig, params, "prepare")
+    run_prepare(prep, Path(params["data"]["root"]), Path(params["prepare"]["out"]), progress=False)
+    return {"root": root, "params": params, "params_path": root / "params.yaml"}
+
+
+@pytest.fixture
+def world_copy(tiny_world, tmp_path) -> dict:
+    """A private copy of the prepared tiny world (tests that write models/metrics)."""
+    root = tmp_path / "world"
+    shutil.copytree(tiny_world["root"], root)
+    params = shrink_params(tiny_world["params"], root)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return {"root": root, "params": params, "params_path": root / "params.yaml"}
