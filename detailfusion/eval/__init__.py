@@ -1,0 +1,1 @@
+"""Evaluation: CIRR / FashionIQ protocol metrics, test-server submissions, baselines, plots, reports."""
