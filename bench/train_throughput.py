@@ -1,0 +1,176 @@
+"""Training throughput per stage: samples/s, peak memory and (on GPU) model FLOPs utilisation.
+
+Runs the REAL training tasks (``detailfusion.train.tasks``) and the shared optimiser setup on
+random uint8 images and captions, so the numbers are those of the pipeline's inner loop without
+data-set I/O. Each (config, stage) runs in its own subprocess so peak memory is per stage.
+
+    python bench/train_throughput.py                       # tiny default + ViT-B-32 @ 224 on CPU
+    python bench/train_throughput.py --configs tiny --steps 20
+    python bench/train_throughput.py --device cuda --amp bf16 --configs vit-b-32 --batch 128
+
+Prints a markdown table and writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STAGES = ("stage1_detail", "stage2_branches", "stage3_fusion")
+# Dense bf16 peak of the cards we may be lent (tensor cores, no sparsity).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def _fake_triplets(n: int, n_images: int, seed: int):
+    import numpy as np
+
+    from detailfusion.train.data import Triplets
+
+    rng = np.random.default_rng(seed)
+    words = ["make", "the", "small", "red", "circle", "blue", "and", "move", "large", "square", "left"]
+    texts = [" ".join(rng.choice(words, size=10)) for _ in range(n)]
+    return Triplets(
+        query_ids=[str(i) for i in range(n)],
+        ref=rng.integers(0, n_images, n),
+        target=rng.integers(0, n_images, n),
+        captions=[[t] for t in texts],
+        texts=texts,
+        group=np.repeat(np.arange(n // 3 + 1), 3)[:n],
+        negatives=rng.integers(0, n_images, (n, 4)),
+        dataset="cirr",
+    )
+
+
+def run_stage(config: str, stage: str, batch: int, steps: int, warmup: int, device: str, amp: str,
+              threads: int) -> dict:
+    import numpy as np
+    import torch
+
+    from detailfusion.models import create_model
+    from detailfusion.train.config import LoopConfig
+    from detailfusion.train.data import StepSampler
+    from detailfusion.train.loop import autocast_for
+    from detailfusion.train.stages import cache_branch_outputs
+    from detailfusion.train.tasks import BranchFinetuneTask, DetailPretrainTask, FusionTask
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = create_model(config, variant="full").to(dev)
+    size = model.image_size
+    n = batch * (steps + warmup)
+    pixels = np.random.default_rng(0).integers(0, 256, (min(4 * n, 4096), size, size, 3), dtype=np.uint8)
+    trip = _fake_triplets(n, len(pixels), 0)
+    sampler = StepSampler(trip.group, batch, 0)
+    if stage == "stage1_detail":
+        task = DetailPretrainTask(model, trip, pixels, sampler, 0, mask_ratio=0.5)
+    elif stage == "stage2_branches":
+        task = BranchFinetuneTask(model, trip, pixels, sampler, 0, hard_negatives=2)
+    else:
+        cache = cache_branch_outputs(model, trip, pixels, batch_size=batch, progress=False)
+        task = FusionTask(model, cache, StepSampler(np.full(n, -1), batch, 0), 0)
+    task.to(dev)
+    cfg = LoopConfig(max_steps=steps, batch_size=batch, amp=amp, device=device)
+    groups = task.optimizer_groups(cfg.lr, cfg.lr_backbone, cfg.weight_decay)
+    trainable = {id(p) for g in groups for p in g["params"]}
+    for p in task.parameters():
+        p.requires_grad_(id(p) in trainable)
+    opt = torch.optim.AdamW(groups)
+    autocast, _ = autocast_for(dev, amp)
+    task.train()
+
+    def one_step(step: int) -> None:
+        b = {k: v.to(dev, non_blocking=True) for k, v in task.batch(step, 0, 1, 0, 1).items()}
+        with autocast:
+            loss = task(b)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for s in range(warmup):
+        one_step(s)
+    flops = None
+    if dev.type == "cuda":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            one_step(warmup)
+        flops = counter.get_total_flops()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for s in range(warmup, warmup + steps):
+        one_step(s)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    out = {
+        "config": config, "stage": stage, "device": str(dev), "amp": amp, "batch": batch, "steps": steps,
+        "threads": torch.get_num_threads(), "samples_per_s": round(batch * steps / dt, 2),
+        "step_s": round(dt / steps, 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        out["gpu"] = name
+        out["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        out["flops_per_step"] = flops
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        if flops and peak:
+            out["mfu"] = round(flops / (dt / steps) / peak, 4)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="tiny,vit-b-32")
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--batch", type=int, default=0, help="0 = 64 for tiny, 8 for vit-b-32 on CPU")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", default="off", choices=["off", "bf16", "fp16", "auto"])
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", default="bench/results/train_throughput.json")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config:stage in this process
+    args = ap.parse_args(argv)
+
+    if args.one:
+        config, stage = args.one.split(":")
+        print(json.dumps(run_stage(config, stage, args.batch, args.steps, args.warmup, args.device, args.amp,
+                                   args.threads)))
+        return 0
+
+    rows = []
+    for config in args.configs.split(","):
+        batch = args.batch or (64 if config == "tiny" or args.device != "cpu" else 8)
+        steps = args.steps if config == "tiny" or args.device != "cpu" else max(2, args.steps // 3)
+        for stage in args.stages.split(","):
+            cmd = [sys.executable, __file__, "--one", f"{config}:{stage}", "--batch", str(batch), "--steps",
+                   str(steps), "--warmup", str(args.warmup), "--device", args.device, "--amp", args.amp,
+                   "--threads", str(args.threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                print(done.stderr[-2000:], file=sys.stderr)
+                return done.returncode
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    cols = ["config", "stage", "device", "batch", "samples_per_s", "step_s", "peak_rss_mb", "peak_gpu_mem_mb", "mfu"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

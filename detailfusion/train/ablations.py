@@ -1,0 +1,132 @@
+"""The ablation suite: every variant of ``method.md`` with identical data, backbone and budget.
+
+Each (variant, seed) run is the real pipeline (stage 1 -> 2 -> 3 -> evaluate) with only
+``model.variant`` and the loop seeds changed, in its own folder ``<out>/<variant>-seed<k>/``
+(params.yaml, models/, metrics/, reports/). A finished run is skipped when rerun with the same
+params, so an interrupted suite resumes. The summary is ``metrics/ablations.json``
+(``{variant: {metric: mean, metric_std: ..., n_seeds}}``) and a markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+from pathlib import Path
+
+import yaml
+
+from detailfusion.config import load_params, load_section
+
+log = logging.getLogger(__name__)
+
+VARIANT_ORDER = ("full", "no_pretrain", "gm_only", "di_only", "avg_fusion", "no_detail_opt")
+MULTI_SEED = ("full", "gm_only", "di_only")
+METRICS = ("R@1", "R@5", "R@10", "R@50", "Rsub@1", "Rsub@2", "Rsub@3", "Avg")
+STAGE_SECTIONS = ("stage1_detail", "stage2_branches", "stage3_fusion")
+
+
+def plan(variants: list[str] | None = None, seeds: list[int] | None = None) -> list[tuple[str, int]]:
+    """(variant, seed) runs: ``seeds`` for full/gm_only/di_only, the first seed for the others."""
+    variants = list(variants or VARIANT_ORDER)
+    seeds = list(seeds if seeds is not None else (0, 1, 2))
+    return [(v, s) for v in variants for s in (seeds if v in MULTI_SEED else seeds[:1])]
+
+
+def run_params(base: dict, variant: str, seed: int, run_dir: Path) -> dict:
+    """The base params with the variant and seeds set and the run's outputs under ``run_dir``."""
+    p = yaml.safe_load(yaml.safe_dump(base))
+    p["model"]["variant"] = variant
+    for section in STAGE_SECTIONS:
+        p[section]["loop"]["seed"] = seed
+    p["evaluate"].update(
+        out_metrics=str(run_dir / "metrics" / "eval.json"),
+        out_plots=str(run_dir / "plots"),
+        out_reports=str(run_dir / "reports"),
+        report_samples=4,
+    )
+    return p
+
+
+def _run_one(params: dict, run_dir: Path, progress: bool) -> dict:
+    from detailfusion.eval.evaluate import EvaluateConfig, run_evaluate
+    from detailfusion.train.stages import RUNNERS, StageContext
+
+    params_path = run_dir / "params.yaml"
+    ctx = StageContext(params_path, models_dir=run_dir / "models", metrics_dir=run_dir / "metrics")
+    for stage in STAGE_SECTIONS:
+        log.warning("ablation %s: %s", run_dir.name, stage)
+        RUNNERS[stage](ctx, progress=progress)
+    cfg = load_section(EvaluateConfig, params, "evaluate")
+    dataset = params["stage2_branches"]["dataset"]
+    return run_evaluate(cfg, run_dir / "models" / "stage3" / "model", ctx.prepared_dir, dataset, progress=progress)
+
+
+def run_suite(params_path: str | Path = "params.yaml", out: str | Path = "ablations", variants=None, seeds=None,
+              summary_path: str | Path = "metrics/ablations.json", table_path: str | Path = "reports/ablations.md",
+              progress: bool = True) -> dict:
+    """Run (or resume) the suite and write the summary JSON and markdown table."""
+    base = load_params(params_path)
+    out = Path(out)
+    results: dict[str, dict[int, dict]] = {}
+    for variant, seed in plan(variants, seeds):
+        run_dir = out / f"{variant}-seed{seed}"
+        params = run_params(base, variant, seed, run_dir)
+        done = run_dir / "metrics" / "eval.json"
+        params_path_run = run_dir / "params.yaml"
+        same = params_path_run.is_file() and yaml.safe_load(params_path_run.read_text()) == params
+        if not (same and done.is_file()):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            params_path_run.write_text(yaml.safe_dump(params, sort_keys=False))
+            done.unlink(missing_ok=True)
+            _run_one(params, run_dir, progress)
+        evaluation = json.loads(done.read_text())
+        dataset = next(iter(evaluation))
+        results.setdefault(variant, {})[seed] = evaluation[dataset]
+    summary = summarise(results)
+    _write(Path(summary_path), json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    _write(Path(table_path), markdown_table(summary))
+    return summary
+
+
+def summarise(results: dict[str, dict[int, dict]]) -> dict:
+    summary = {}
+    for variant in [v for v in VARIANT_ORDER if v in results] + sorted(set(results) - set(VARIANT_ORDER)):
+        runs = results[variant]
+        row: dict = {"n_seeds": len(runs), "seeds": sorted(runs)}
+        for m in METRICS:
+            values = [r["metrics"][m] for r in runs.values() if m in r.get("metrics", {})]
+            if not values:
+                continue
+            row[m] = round(statistics.fmean(values), 3)
+            row[f"{m}_std"] = round(statistics.stdev(values), 3) if len(values) > 1 else 0.0
+        for base in ("reference_only", "text_only", "pixel_reference"):
+            values = [r["baselines"][base]["R@1"] for r in runs.values() if base in r.get("baselines", {})]
+            if values:
+                row[f"baseline_{base}_R@1"] = round(statistics.fmean(values), 3)
+        summary[variant] = row
+    return summary
+
+
+def markdown_table(summary: dict) -> str:
+    cols = ("R@1", "R@5", "R@10", "R@50", "Rsub@1", "Rsub@2", "Rsub@3", "Avg")
+    lines = ["| variant | seeds | " + " | ".join(cols) + " |", "| --- | --- | " + " | ".join("---" for _ in cols) + " |"]
+    for variant, row in summary.items():
+        cells = []
+        for c in cols:
+            if c not in row:
+                cells.append("")
+            elif row["n_seeds"] > 1:
+                cells.append(f"{row[c]:.1f} ± {row[c + '_std']:.1f}")
+            else:
+                cells.append(f"{row[c]:.1f}")
+        lines.append(f"| {variant} | {row['n_seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

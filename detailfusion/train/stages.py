@@ -1,0 +1,218 @@
+"""The three training stages as DVC-callable entry points (``detailfusion train stageN``).
+
+Each stage reads its own ``params.yaml`` section plus ``model``, loads the previous stage's
+model, trains one task with the shared loop, and writes ``models/stageN/model`` (safetensors +
+config), ``models/stageN/summary.json`` and ``metrics/stageN.json``. Checkpoints for resume live
+in ``models/checkpoints/<stage>-<config hash>/`` outside DVC's outputs (DVC deletes outputs
+before rerunning a stage, which would defeat resuming after an interruption).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detailfusion.config import load_params, load_section, to_dict
+from detailfusion.errors import ConfigError
+from detailfusion.train.config import ModelSection, Stage1Config, Stage2Config, Stage3Config
+from detailfusion.train.data import StepSampler, build_triplets, gather_pixels
+from detailfusion.train.loop import resolve_device, run_training
+from detailfusion.train.tasks import BranchFinetuneTask, DetailPretrainTask, FusionTask
+
+log = logging.getLogger(__name__)
+
+STAGES = ("stage1_detail", "stage2_branches", "stage3_fusion")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _config_hash(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def build_model(section: ModelSection, seed: int):
+    """Seeded model construction from the ``model`` params section."""
+    from detailfusion.models import create_model, get_model_config, list_variants
+
+    if section.variant not in list_variants():
+        raise ConfigError(f"params.yaml: model.variant '{section.variant}' is unknown; choose from {list_variants()}")
+    cfg = get_model_config(section.arch)
+    if section.pretrained is not None:
+        cfg.backbone.pretrained = section.pretrained
+    torch.manual_seed(seed)
+    return create_model(cfg, variant=section.variant)
+
+
+def _save_stage(model, out_dir: Path, summary: dict, metrics_path: Path, metrics: dict) -> None:
+    from detailfusion.models.io import save_pretrained
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_pretrained(model, tmp / "model")
+    _write_json(tmp / "summary.json", summary)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    _write_json(metrics_path, metrics)
+
+
+class StageContext:
+    """Paths and params shared by the stage runners."""
+
+    def __init__(self, params_path: str | Path = "params.yaml", models_dir: str | Path = "models",
+                 metrics_dir: str | Path = "metrics", prepared_dir: str | Path | None = None):
+        self.params_path = Path(params_path)
+        self.params = load_params(self.params_path)
+        self.model_section = load_section(ModelSection, self.params, "model", source=str(self.params_path))
+        self.models_dir = Path(models_dir)
+        self.metrics_dir = Path(metrics_dir)
+        prepared = prepared_dir or (self.params.get("prepare") or {}).get("out", "data/prepared")
+        self.prepared_dir = Path(prepared)
+
+    def variant(self):
+        from detailfusion.models import VARIANTS
+
+        return VARIANTS[self.model_section.variant]
+
+    def checkpoint_dir(self, stage: str, run_config: dict) -> Path:
+        return self.models_dir / "checkpoints" / f"{stage}-{_config_hash(run_config)}"
+
+
+def _finish(ctx: StageContext, stage: str, model, summary: dict, extra_metrics: dict, ckpt_dir: Path) -> dict:
+    n = STAGES.index(stage) + 1
+    metrics = {"stage": stage, "variant": ctx.model_section.variant, **summary, **extra_metrics}
+    _save_stage(model, ctx.models_dir / f"stage{n}", summary, ctx.metrics_dir / f"stage{n}.json", metrics)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return metrics
+
+
+def run_stage1(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
+    from detailfusion.data.prepared import load_prepared
+
+    cfg = load_section(Stage1Config, ctx.params, "stage1_detail", source=str(ctx.params_path))
+    variant = ctx.variant()
+    model = build_model(ctx.model_section, cfg.loop.seed)
+    run_config = {"model": asdict(ctx.model_section), "stage1_detail": to_dict(cfg)}
+    ckpt_dir = ctx.checkpoint_dir("stage1_detail", run_config)
+    if not variant.stage1 or model.di is None:
+        reason = "variant skips stage 1" if not variant.stage1 else "variant has no DI branch"
+        summary = {"skipped": True, "reason": reason, "steps": 0}
+        return _finish(ctx, "stage1_detail", model, summary, {}, ckpt_dir)
+
+    prepared = load_prepared(ctx.prepared_dir, cfg.dataset)
+    triplets = build_triplets(prepared, cfg.split)
+    detail_opt = variant.detail_opt
+    mask_ratio = cfg.mask_ratio if detail_opt else 0.0
+    grouped = cfg.group_by_original and detail_opt
+    sampler = StepSampler(triplets.group, cfg.loop.batch_size, cfg.loop.seed, grouped=grouped)
+    task = DetailPretrainTask(model, triplets, prepared.pixels, sampler, cfg.loop.seed, mask_ratio=mask_ratio)
+    summary = run_training(task, cfg.loop, ckpt_dir, run_config=run_config, on_log=on_log, progress=progress)
+    summary.update({"skipped": False, "mask_ratio": mask_ratio, "grouped_hard_negatives": grouped,
+                    "train_queries": len(triplets), "dropped_queries": triplets.dropped})
+    return _finish(ctx, "stage1_detail", model, summary, {}, ckpt_dir)
+
+
+def run_stage2(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
+    from detailfusion.data.prepared import load_prepared
+    from detailfusion.eval.evaluate import quick_validation
+    from detailfusion.models.io import load_pretrained
+
+    cfg = load_section(Stage2Config, ctx.params, "stage2_branches", source=str(ctx.params_path))
+    s1 = load_section(Stage1Config, ctx.params, "stage1_detail", source=str(ctx.params_path))
+    variant = ctx.variant()
+    model = load_pretrained(ctx.models_dir / "stage1" / "model")
+    loop = cfg.loop
+    stage1_ran = variant.stage1 and model.di is not None
+    if cfg.equalize_budget and not stage1_ran:
+        loop = replace(loop, max_steps=loop.max_steps + s1.loop.max_steps)
+    run_config = {"model": asdict(ctx.model_section), "stage2_branches": to_dict(cfg), "effective_steps": loop.max_steps}
+    ckpt_dir = ctx.checkpoint_dir("stage2_branches", run_config)
+
+    prepared = load_prepared(ctx.prepared_dir, cfg.dataset)
+    triplets = build_triplets(prepared, cfg.split)
+    sampler = StepSampler(triplets.group, loop.batch_size, loop.seed, grouped=False)
+    task = BranchFinetuneTask(
+        model, triplets, prepared.pixels, sampler, loop.seed,
+        hard_negatives=cfg.hard_negatives if cfg.dataset == "cirr" else 0,
+        fused_loss_weight=cfg.fused_loss_weight,
+        fiq_random_captions=cfg.dataset == "fashioniq",
+    )
+    summary = run_training(task, loop, ckpt_dir, run_config=run_config, on_log=on_log, progress=progress)
+    summary.update({"train_queries": len(triplets), "dropped_queries": triplets.dropped,
+                    "equalized_budget": loop.max_steps != cfg.loop.max_steps})
+    val = quick_validation(model, prepared, progress=progress)
+    return _finish(ctx, "stage2_branches", model, summary, {"val": val}, ckpt_dir)
+
+
+@torch.no_grad()
+def cache_branch_outputs(model, triplets, pixels, batch_size: int = 256, progress: bool = True) -> dict:
+    """Frozen branch outputs + target/negative embeddings for every triplet (stage 3's input)."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    device = next(model.parameters()).device
+    tokens = model.tokenize(triplets.texts)
+    keys = ("gm", "di", "gm_tokens", "di_tokens")
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*keys, "target", "negatives")}
+    for s in tqdm(range(0, len(triplets), batch_size), desc="cache branches", disable=not progress):
+        rows = np.arange(s, min(s + batch_size, len(triplets)))
+        ref = model.preprocess_uint8(gather_pixels(pixels, triplets.ref[rows]).to(device))
+        out = model.branch_outputs(ref, tokens[rows].to(device))
+        for k in keys:
+            parts[k].append(out[k].float().cpu())
+        tgt = model.preprocess_uint8(gather_pixels(pixels, triplets.target[rows]).to(device))
+        parts["target"].append(model.encode_target(tgt).float().cpu())
+        negs = triplets.negatives[rows]
+        flat = model.preprocess_uint8(gather_pixels(pixels, np.where(negs >= 0, negs, 0).reshape(-1)).to(device))
+        emb = model.encode_target(flat).float().cpu().view(len(rows), negs.shape[1], -1)
+        parts["negatives"].append(emb * torch.from_numpy(negs >= 0).unsqueeze(-1).float())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def run_stage3(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
+    from detailfusion.data.prepared import load_prepared
+    from detailfusion.eval.evaluate import quick_validation
+    from detailfusion.models.io import load_pretrained
+
+    cfg = load_section(Stage3Config, ctx.params, "stage3_fusion", source=str(ctx.params_path))
+    s2 = load_section(Stage2Config, ctx.params, "stage2_branches", source=str(ctx.params_path))
+    model = load_pretrained(ctx.models_dir / "stage2" / "model")
+    run_config = {"model": asdict(ctx.model_section), "stage3_fusion": to_dict(cfg)}
+    ckpt_dir = ctx.checkpoint_dir("stage3_fusion", run_config)
+    prepared = load_prepared(ctx.prepared_dir, s2.dataset)
+    if model.afc is None:
+        summary = {"skipped": True, "reason": f"variant '{ctx.model_section.variant}' has no compositor", "steps": 0}
+        val = quick_validation(model, prepared, progress=progress)
+        return _finish(ctx, "stage3_fusion", model, summary, {"val": val}, ckpt_dir)
+
+    triplets = build_triplets(prepared, s2.split)
+    if cfg.cache_queries and cfg.cache_queries < len(triplets):
+        rows = np.sort(np.random.default_rng(cfg.loop.seed).choice(len(triplets), cfg.cache_queries, replace=False))
+        triplets = triplets.subset(rows)
+    device = resolve_device(cfg.loop.device)
+    model.to(device)
+    cache = cache_branch_outputs(model, triplets, prepared.pixels, progress=progress)
+    model.cpu()
+    sampler = StepSampler(np.full(len(triplets), -1), cfg.loop.batch_size, cfg.loop.seed)
+    task = FusionTask(model, cache, sampler, cfg.loop.seed, hard_negatives=cfg.hard_negatives)
+    summary = run_training(task, cfg.loop, ckpt_dir, run_config=run_config, on_log=on_log, progress=progress)
+    summary.update({"skipped": False, "cached_queries": len(triplets)})
+    model.cpu()
+    val = quick_validation(model, prepared, progress=progress)
+    return _finish(ctx, "stage3_fusion", model, summary, {"val": val}, ckpt_dir)
+
+
+RUNNERS = {"stage1_detail": run_stage1, "stage2_branches": run_stage2, "stage3_fusion": run_stage3}

@@ -1,0 +1,238 @@
+"""Training tasks: a model plus its loss, returning a dict of losses (open_clip/timm style).
+
+One generic loop (``loop.py``) trains any of them. A task also owns its data: ``batch(step,
+micro, rank, world)`` builds the CPU tensors of one micro-batch deterministically from the
+step number, so checkpoint/resume and DDP sharding need no data-loader state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detailfusion.train.data import StepSampler, Triplets, fiq_training_caption, gather_pixels, patch_mask
+
+
+def info_nce(query: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, extra: torch.Tensor | None = None):
+    """InfoNCE of normalised queries against in-batch targets (+ per-query extra negatives).
+
+    ``extra`` is ``[B, M, D]``; rows with no real negative are all-zero vectors and are masked out.
+    """
+    logits = scale * query @ target.t()
+    if extra is not None and extra.shape[1]:
+        extra_logits = scale * torch.einsum("bd,bmd->bm", query, extra)
+        valid = extra.abs().sum(-1) > 0
+        extra_logits = extra_logits.masked_fill(~valid, float("-inf"))
+        logits = torch.cat([logits, extra_logits], dim=1)
+    labels = torch.arange(query.shape[0], device=query.device)
+    return F.cross_entropy(logits.float(), labels)
+
+
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    return p.ndim < 2 or "embedding" in name or "query_tokens" in name or "logit_scale" in name
+
+
+def param_groups(modules: dict[str, tuple[nn.Module | list[nn.Parameter], float]], weight_decay: float) -> list[dict]:
+    """AdamW groups: per-module learning rates; no decay on norms, biases, embeddings, scales."""
+    groups = []
+    for name, (mod, lr) in modules.items():
+        named = list(mod.named_parameters()) if isinstance(mod, nn.Module) else [(f"{name}.{i}", p) for i, p in enumerate(mod)]
+        named = [(n, p) for n, p in named if p.requires_grad]
+        decay = [p for n, p in named if not _no_decay(n, p)]
+        nodecay = [p for n, p in named if _no_decay(n, p)]
+        if decay:
+            groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": f"{name}"})
+        if nodecay:
+            groups.append({"params": nodecay, "lr": lr, "weight_decay": 0.0, "name": f"{name}.no_decay"})
+    return groups
+
+
+class TrainingTask(nn.Module):
+    """Base: holds the model, the triplets and the sampler; subclasses define the loss."""
+
+    name = "task"
+
+    def __init__(self, model: nn.Module, triplets: Triplets, pixels: np.ndarray, sampler: StepSampler, seed: int):
+        super().__init__()
+        self.model = model
+        self.triplets = triplets
+        self.pixels = pixels
+        self.sampler = sampler
+        self.seed = seed
+        self._tokens = None
+
+    def micro_rows(self, step: int, micro: int, n_micro: int, rank: int, world: int) -> np.ndarray:
+        rows = self.sampler.batch(step)
+        per = len(rows) // (n_micro * world)
+        start = (micro * world + rank) * per
+        return rows[start : start + per]
+
+    def tokens(self, rows: np.ndarray) -> torch.Tensor:
+        if self._tokens is None:
+            self._tokens = self.model.tokenize(self.triplets.texts)
+        return self._tokens[torch.as_tensor(rows)]
+
+    def images(self, index: np.ndarray) -> torch.Tensor:
+        return gather_pixels(self.pixels, index)
+
+    def optimizer_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
+        raise NotImplementedError
+
+
+class DetailPretrainTask(TrainingTask):
+    """Stage 1: DI on atomic edits. Detail-oriented objective = synchronised patch masking of
+    reference and target (shared context removed, the edit must carry the match) + other edits
+    of the same original in the batch as hard negatives (grouping is done by the sampler)."""
+
+    name = "stage1_detail"
+
+    def __init__(self, *args, mask_ratio: float = 0.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mask_ratio = mask_ratio
+
+    def batch(self, step: int, micro: int, n_micro: int, rank: int, world: int) -> dict:
+        rows = self.micro_rows(step, micro, n_micro, rank, world)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 97 + micro * 7 + rank)
+        n_patches = self.model.num_patches
+        mask = patch_mask(len(rows), n_patches, self.mask_ratio, gen)
+        out = {
+            "ref": self.images(self.triplets.ref[rows]),
+            "target": self.images(self.triplets.target[rows]),
+            "tokens": self.tokens(rows),
+        }
+        if mask is not None:
+            out["patch_mask"] = mask
+        return out
+
+    def forward(self, batch: dict) -> dict:
+        m = self.model
+        mask = batch.get("patch_mask")
+        ref = m.preprocess_uint8(batch["ref"])
+        tgt = m.preprocess_uint8(batch["target"])
+        branches = m.branch_outputs(ref, batch["tokens"], patch_mask=mask)
+        t = m.encode_target(tgt, patch_mask=mask)
+        loss = info_nce(branches["di"], t, m.logit_scale)
+        return {"loss": loss, "loss_di": loss.detach()}
+
+    def optimizer_groups(self, lr, lr_backbone, weight_decay):
+        g = self.model.parameter_groups()
+        return param_groups(
+            {"backbone": (g["backbone"], lr_backbone), "di": (g["di"], lr), "other": (g["other"], lr)}, weight_decay
+        )
+
+
+class BranchFinetuneTask(TrainingTask):
+    """Stage 2: GM and DI on the target data set, each with its own InfoNCE, plus an optional
+    InfoNCE on their 0.5/0.5 fusion; CIRR set members are extra (hard) negatives for DI."""
+
+    name = "stage2_branches"
+
+    def __init__(self, *args, hard_negatives: int = 2, fused_loss_weight: float = 1.0, fiq_random_captions=False, **kw):
+        super().__init__(*args, **kw)
+        self.hard_negatives = hard_negatives
+        self.fused_loss_weight = fused_loss_weight
+        self.fiq_random_captions = fiq_random_captions
+
+    def batch(self, step: int, micro: int, n_micro: int, rank: int, world: int) -> dict:
+        rows = self.micro_rows(step, micro, n_micro, rank, world)
+        rng = np.random.default_rng([self.seed, step, micro, rank])
+        if self.fiq_random_captions:
+            texts = [
+                fiq_training_caption(*(self.triplets.captions[i] + ["", ""])[:2], rng.random()) for i in rows
+            ]
+            tokens = self.model.tokenize(texts)
+        else:
+            tokens = self.tokens(rows)
+        out = {
+            "ref": self.images(self.triplets.ref[rows]),
+            "target": self.images(self.triplets.target[rows]),
+            "tokens": tokens,
+        }
+        if self.hard_negatives and self.model.di is not None:
+            negs = self.triplets.negatives[rows]
+            pick = np.argsort(rng.random(negs.shape), axis=1)[:, : self.hard_negatives]
+            chosen = np.take_along_axis(negs, pick, axis=1)
+            if (chosen >= 0).any():
+                out["negatives"] = self.images(np.where(chosen >= 0, chosen, 0).reshape(-1))
+                out["negatives_valid"] = torch.from_numpy(chosen >= 0)
+        return out
+
+    def forward(self, batch: dict) -> dict:
+        m = self.model
+        ref = m.preprocess_uint8(batch["ref"])
+        tgt = m.preprocess_uint8(batch["target"])
+        b = m.branch_outputs(ref, batch["tokens"])
+        t = m.encode_target(tgt)
+        scale = m.logit_scale
+        parts = {}
+        loss = t.new_zeros(())
+        extra = None
+        if "negatives" in batch:
+            with torch.no_grad():
+                n = m.encode_target(m.preprocess_uint8(batch["negatives"]))
+            n = n.view(t.shape[0], -1, t.shape[1]) * batch["negatives_valid"].unsqueeze(-1).to(n.dtype)
+            extra = n
+        if b.get("gm") is not None:
+            parts["loss_gm"] = info_nce(b["gm"], t, scale)
+            loss = loss + parts["loss_gm"]
+        if b.get("di") is not None:
+            parts["loss_di"] = info_nce(b["di"], t, scale, extra)
+            loss = loss + parts["loss_di"]
+        if b.get("gm") is not None and b.get("di") is not None and self.fused_loss_weight > 0:
+            fused = F.normalize(b["gm"] + b["di"], dim=-1)
+            parts["loss_fused"] = info_nce(fused, t, scale, extra)
+            loss = loss + self.fused_loss_weight * parts["loss_fused"]
+        return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
+
+    def optimizer_groups(self, lr, lr_backbone, weight_decay):
+        g = self.model.parameter_groups()
+        return param_groups(
+            {
+                "backbone": (g["backbone"], lr_backbone),
+                "gm": (g["gm"], lr),
+                "di": (g["di"], lr),
+                "other": (g["other"], lr),
+            },
+            weight_decay,
+        )
+
+
+class FusionTask(nn.Module):
+    """Stage 3: the AFC on cached, frozen branch outputs (a fraction of stage 2's cost)."""
+
+    name = "stage3_fusion"
+
+    def __init__(self, model: nn.Module, cache: dict[str, torch.Tensor], sampler: StepSampler, seed: int,
+                 hard_negatives: int = 4):
+        super().__init__()
+        self.model = model
+        self.cache = cache
+        self.sampler = sampler
+        self.seed = seed
+        self.hard_negatives = hard_negatives
+
+    def batch(self, step: int, micro: int, n_micro: int, rank: int, world: int) -> dict:
+        rows = self.sampler.batch(step)
+        per = len(rows) // (n_micro * world)
+        start = (micro * world + rank) * per
+        idx = torch.as_tensor(rows[start : start + per])
+        out = {k: v[idx] for k, v in self.cache.items() if k != "negatives"}
+        if self.hard_negatives and "negatives" in self.cache:
+            out["negatives"] = self.cache["negatives"][idx][:, : self.hard_negatives]
+        return out
+
+    def forward(self, batch: dict) -> dict:
+        branch = {k: batch[k] for k in ("gm", "di", "gm_tokens", "di_tokens")}
+        fused = self.model.fuse(branch)
+        loss = info_nce(fused["query"], batch["target"], self.model.logit_scale.detach(), batch.get("negatives"))
+        w = fused.get("weights")
+        parts = {"loss_fused": loss.detach()}
+        if w is not None:
+            parts["w_di"] = w[:, 1].mean().detach()
+        return {"loss": loss, **parts}
+
+    def optimizer_groups(self, lr, lr_backbone, weight_decay):
+        g = self.model.parameter_groups()
+        return param_groups({"afc": (g["afc"], lr)}, weight_decay)

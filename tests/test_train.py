@@ -1,0 +1,158 @@
+"""Training: the three stage runners end to end on the shrunk real params, deterministic batches,
+and resume-after-kill giving the same model as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+from detailfusion.train.data import StepSampler, fiq_training_caption, patch_mask
+from detailfusion.train.stages import RUNNERS, StageContext
+
+
+def test_step_sampler_is_a_pure_function_of_step():
+    groups = np.repeat(np.arange(20), 3)
+    a = StepSampler(groups, 12, seed=3, grouped=True)
+    b = StepSampler(groups, 12, seed=3, grouped=True)
+    steps = [0, 7, 2, 9, 4]
+    assert all((a.batch(s) == b.batch(s)).all() for s in steps)
+    # an epoch covers every row once, and groups stay together
+    epoch = np.concatenate([a.batch(s) for s in range(a.per_epoch)])
+    assert sorted(epoch.tolist()) == list(range(60))
+    first = a.batch(0)
+    assert len(set(groups[first].tolist())) == 4  # 12 rows = 4 whole groups of 3
+    assert not (StepSampler(groups, 12, seed=4).batch(0) == a.batch(0)).all()
+
+
+def test_patch_mask_same_count_per_row():
+    import torch
+
+    m = patch_mask(5, 64, 0.5, torch.Generator().manual_seed(0))
+    assert m.shape == (5, 64) and (m.sum(1) == 32).all()
+    assert patch_mask(5, 64, 0.0, torch.Generator()) is None
+
+
+def test_fiq_training_caption_four_ways():
+    outs = {fiq_training_caption(" is red.", "has long sleeves", r) for r in (0.1, 0.3, 0.6, 0.9)}
+    assert outs == {"Is red and has long sleeves", "Has long sleeves and is red", "Is red", "Has long sleeves"}
+
+
+def _run_all_stages(world: dict, models: Path, metrics: Path) -> dict:
+    ctx = StageContext(world["params_path"], models_dir=models, metrics_dir=metrics,
+                       prepared_dir=world["params"]["prepare"]["out"])
+    return {name: run(ctx, progress=False) for name, run in RUNNERS.items()}
+
+
+@pytest.mark.slow
+def test_three_stages_end_to_end(world_copy):
+    root = world_copy["root"]
+    out = _run_all_stages(world_copy, root / "models", root / "metrics")
+    for n in (1, 2, 3):
+        assert (root / "models" / f"stage{n}" / "model" / "model.safetensors").is_file()
+        assert json.loads((root / "metrics" / f"stage{n}.json").read_text())["variant"] == "full"
+    assert out["stage1_detail"]["steps"] == 3 and not out["stage1_detail"]["skipped"]
+    assert out["stage2_branches"]["steps"] == 4
+    assert set(out["stage3_fusion"]["val"]) >= {"model", "gm", "di"}
+    assert not (root / "models" / "checkpoints").exists() or not any((root / "models" / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_variant_without_stage1_gets_the_same_step_budget(world_copy):
+    p = world_copy["params"]
+    p["model"]["variant"] = "gm_only"
+    world_copy["params_path"].write_text(yaml.safe_dump(p))
+    root = world_copy["root"]
+    out = _run_all_stages(world_copy, root / "models", root / "metrics")
+    assert out["stage1_detail"]["skipped"] is True
+    assert out["stage2_branches"]["steps"] == 3 + 4
+    assert out["stage3_fusion"]["skipped"] is True
+    assert set(out["stage3_fusion"]["val"]) == {"model", "gm"}
+
+
+def _stage2_cmd(world: dict, models: Path, metrics: Path) -> list[str]:
+    return [sys.executable, "-m", "detailfusion.cli", "--params", str(world["params_path"]), "--quiet",
+            "train", "stage2_branches", "--models-dir", str(models), "--metrics-dir", str(metrics)]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_matches_uninterrupted_run(world_copy):
+    root = world_copy["root"]
+    p = world_copy["params"]
+    p["stage2_branches"]["loop"].update(max_steps=40, checkpoint_every=4)
+    world_copy["params_path"].write_text(yaml.safe_dump(p))
+    ctx = StageContext(world_copy["params_path"], models_dir=root / "models", metrics_dir=root / "metrics",
+                       prepared_dir=p["prepare"]["out"])
+    RUNNERS["stage1_detail"](ctx, progress=False)
+    import shutil
+
+    shutil.copytree(root / "models" / "stage1", root / "models_b" / "stage1")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    # uninterrupted reference run
+    subprocess.run(_stage2_cmd(world_copy, root / "models", root / "metrics"), check=True, env=env,
+                   capture_output=True)
+
+    # interrupted run: SIGKILL once a mid-stage checkpoint exists, then rerun
+    proc = subprocess.Popen(_stage2_cmd(world_copy, root / "models_b", root / "metrics_b"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = root / "models_b" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if any(ckpts.glob("stage2_branches-*/checkpoints/last.pt")):
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (root / "models_b" / "stage2").exists()
+    done = subprocess.run(_stage2_cmd(world_copy, root / "models_b", root / "metrics_b"), check=True, env=env,
+                          capture_output=True, text=True)
+    resumed = json.loads((root / "metrics_b" / "stage2.json").read_text())
+    reference = json.loads((root / "metrics" / "stage2.json").read_text())
+    assert resumed["resumed_from"] > 0, done.stderr
+    assert resumed["val"] == reference["val"]
+    a = load_file(str(root / "models" / "stage2" / "model" / "model.safetensors"))
+    b = load_file(str(root / "models_b" / "stage2" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_ablation_plan_multi_seed_only_where_asked():
+    from detailfusion.train.ablations import plan
+
+    runs = plan()
+    assert [s for v, s in runs if v == "full"] == [0, 1, 2]
+    assert [s for v, s in runs if v == "no_pretrain"] == [0]
+    assert {v for v, _ in runs} == {"full", "no_pretrain", "gm_only", "di_only", "avg_fusion", "no_detail_opt"}
+
+
+@pytest.mark.slow
+def test_ablation_suite_runs_variants_and_resumes(world_copy, monkeypatch):
+    from detailfusion.train import ablations
+
+    root = world_copy["root"]
+    kw = dict(params_path=world_copy["params_path"], out=root / "abl", variants=["full", "gm_only"], seeds=[0, 1],
+              summary_path=root / "metrics" / "ablations.json", table_path=root / "reports" / "ablations.md",
+              progress=False)
+    summary = ablations.run_suite(**kw)
+    assert set(summary) == {"full", "gm_only"}
+    assert summary["full"]["n_seeds"] == 2 and "Rsub@1_std" in summary["full"]
+    on_disk = json.loads((root / "metrics" / "ablations.json").read_text())
+    assert on_disk == summary
+    table = (root / "reports" / "ablations.md").read_text()
+    assert table.count("\n") == 4 and "| gm_only | 2 |" in table
+    # a rerun with the same params reuses every finished run
+    calls = []
+    monkeypatch.setattr(ablations, "_run_one", lambda *a, **k: calls.append(a))
+    assert ablations.run_suite(**kw) == summary and calls == []
