@@ -16,7 +16,7 @@ export GX_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test install install-test lint clean-outputs
+.PHONY: run test install install-test lint clean-outputs track-raw
 
 $(VENV)/.stamp-base: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,3 +44,8 @@ lint: install-test
 
 clean-outputs:
 	rm -rf data/synthetic data/prepared models metrics reports plots
+
+# Start versioning real data in data/raw (see README "Real data").
+track-raw: install
+	sed -i '/^  cache: false$$/d' data.dvc
+	$(BIN)/dvc add data/raw

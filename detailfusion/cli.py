@@ -8,6 +8,7 @@ instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -17,6 +18,47 @@ from detailfusion.errors import DetailFusionError
 
 def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+@contextlib.contextmanager
+def tracked(args: argparse.Namespace, stage: str, sections: tuple[str, ...], variant: str | None = None):
+    """An MLflow stage run (nested under the pipeline's parent run) for a stage command.
+
+    Yields ``None`` when ``params.yaml`` has no ``tracking`` section or it is disabled. A tracking
+    store that is down never fails the stage (see ``detailfusion.tracking.runs``).
+    """
+    from detailfusion.config import load_params, load_section
+
+    params = load_params(args.params)
+    if "tracking" not in params:
+        yield None
+        return
+    from detailfusion.tracking import TrackingConfig, stage_run
+
+    cfg = load_section(TrackingConfig, params, "tracking", source=args.params)
+    if not cfg.enabled:
+        yield None
+        return
+    dataset = (params.get("stage2_branches") or {}).get("dataset", "cirr")
+    if variant is None and stage not in ("synthesize", "prepare", "validate"):
+        variant = (params.get("model") or {}).get("variant")
+    with stage_run(stage, {k: params[k] for k in sections if k in params}, dataset, variant, config=cfg) as run:
+        yield run
+
+
+def data_source_name(params: dict, dataset: str) -> str:
+    """Name of the data set input in MLflow: ``synthetic-cirr`` for the embedded default, else ``cirr``."""
+    root = str((params.get("data") or {}).get("root", ""))
+    return f"synthetic-{dataset}" if "synthetic" in Path(root).parts else dataset
+
+
+def _log_step(run):
+    if run is None:
+        return None
+    return lambda step, logs: run.log_metrics({f"train/{k}": v for k, v in logs.items()}, step=step)
 
 
 # --------------------------------------------------------------------------- data
@@ -30,7 +72,12 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     if args.seed is not None:
         cfg.seed = args.seed
     out = Path(args.out) if args.out else Path(_data_root(args.params))
-    summary = generate(cfg, out, progress=not args.quiet)
+    with tracked(args, "synthesize", ("synthesize",)) as run:
+        summary = generate(cfg, out, progress=not args.quiet)
+        if run is not None:
+            run.log_metrics({"synth/seconds": summary["seconds"], "synth/megabytes": summary["megabytes"]})
+            if (out / "SYNTHETIC.json").is_file():
+                run.log_artifact(out / "SYNTHETIC.json")
     _print_json(summary)
     return 0
 
@@ -42,7 +89,17 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     cfg = load_section(PrepareConfig, args.params, "prepare")
     root = Path(args.root) if args.root else Path(_data_root(args.params))
     out = Path(args.out) if args.out else cfg.out
-    summary = run_prepare(cfg, root, out, progress=not args.quiet)
+    with tracked(args, "prepare", ("data", "prepare")) as run:
+        summary = run_prepare(cfg, root, out, progress=not args.quiet)
+        if run is not None:
+            from detailfusion.config import load_params
+
+            params = load_params(args.params)
+            run.log_metrics_file(out / "summary.json", prefix="prepare/")
+            for name in cfg.datasets:
+                run.log_manifest(out / name / "queries.parquet", name=data_source_name(params, name),
+                                 context="prepared")
+                run.log_artifact(out / name / "quarantine.json", artifact_path=f"quarantine/{name}")
     _print_json(summary)
     return 0
 
@@ -54,7 +111,15 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     cfg = load_section(ValidateConfig, args.params, "validate")
     prepared = Path(args.prepared) if args.prepared else cfg.prepared
     report_dir = Path(args.report_dir) if args.report_dir else cfg.report_dir
-    report = run_validate(cfg, prepared, report_dir)
+    with tracked(args, "validate", ("validate",)) as run:
+        try:
+            report = run_validate(cfg, prepared, report_dir)
+        finally:
+            # the report and Data Docs are written before a violation is raised: log them either way
+            if run is not None and (report_dir / "report.json").is_file():
+                run.log_artifact(report_dir, artifact_path="validation")
+        if run is not None:
+            run.log_metrics({"validate/success": 1.0})
     print(report["summary_text"])
     return 0
 
@@ -73,7 +138,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from detailfusion.train.stages import RUNNERS, StageContext
 
     ctx = StageContext(args.params, models_dir=args.models_dir, metrics_dir=args.metrics_dir)
-    metrics = RUNNERS[args.stage](ctx, progress=not args.quiet)
+    n = args.stage[5]
+    with tracked(args, args.stage, ("model", args.stage)) as run:
+        metrics = RUNNERS[args.stage](ctx, progress=not args.quiet, on_log=_log_step(run))
+        if run is not None:
+            run.log_metrics_file(Path(args.metrics_dir) / f"stage{n}.json", prefix=f"stage{n}/")
+            dataset = "ipr2pr" if args.stage == "stage1_detail" else ctx.params["stage2_branches"]["dataset"]
+            manifest = ctx.prepared_dir / dataset / "queries.parquet"
+            if manifest.is_file():
+                run.log_manifest(manifest, name=data_source_name(ctx.params, dataset))
     _print_json(metrics)
     return 0
 
@@ -93,8 +166,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                       progress=not args.quiet)
         _print_json({"recall": str(paths[0]), "recall_subset": str(paths[1])})
         return 0
-    summary = run_evaluate(cfg, Path(args.model), prepared, dataset, progress=not args.quiet)
+    with tracked(args, "evaluate", ("evaluate",)) as run:
+        summary = run_evaluate(cfg, Path(args.model), prepared, dataset, progress=not args.quiet)
+        if run is not None:
+            run.log_metrics_file(cfg.out_metrics)
+            run.log_manifest(prepared / dataset / "queries.parquet", name=data_source_name(params, dataset),
+                             context="evaluation")
+            for folder, name in ((Path(cfg.out_plots), "plots"), (Path(cfg.out_reports) / "retrieval", "retrieval"),
+                                 (Path(cfg.out_reports) / "submission", "submission")):
+                if folder.exists():
+                    run.log_artifact(folder, artifact_path=name)
     _print_json(summary)
+    return 0
+
+
+def cmd_ablations(args: argparse.Namespace) -> int:
+    from detailfusion.train.ablations import markdown_table, run_suite
+
+    variants = args.variants.split(",") if args.variants else None
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    summary = run_suite(args.params, args.out, variants, seeds, progress=not args.quiet)
+    print(markdown_table(summary))
     return 0
 
 
@@ -157,6 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only write the CIRR test-server files for --split (e.g. test1) into --out")
     p.add_argument("--out", default="reports/submission", help="folder for --submission-only files")
     p.set_defaults(func=cmd_evaluate)
+
+    from detailfusion.registry.cli import add_parser as add_registry_parser
+    from detailfusion.tracking.cli import add_parser as add_tracking_parser
+
+    add_registry_parser(sub)
+    add_tracking_parser(sub)
+
+    p = sub.add_parser("ablations", help="run the ablation suite (method.md) and write metrics/ablations.json")
+    p.add_argument("--variants", help="comma-separated (default: all six)")
+    p.add_argument("--seeds", help="comma-separated seeds for full/gm_only/di_only (default: 0,1,2)")
+    p.add_argument("--out", default="ablations", help="folder for the per-run outputs")
+    p.set_defaults(func=cmd_ablations)
 
     return parser
 

@@ -21,27 +21,36 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def shrink_params(params: dict, root: Path) -> dict:
-    """The real params with tiny sizes and every path under ``root``."""
+def shrink_params(params: dict, root: Path, relative: bool = False) -> dict:
+    """The real params with tiny sizes and every path under ``root``.
+
+    With ``relative`` the paths stay as in params.yaml (relative to a repo copy at ``root``),
+    as ``dvc.yaml`` names them literally.
+    """
     p = yaml.safe_load(yaml.safe_dump(params))
-    p["data"]["root"] = str(root / "data" / "synthetic")
+    if "tracking" in p:
+        p["tracking"].update(tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+                             artifact_location=str(root / "mlartifacts"),
+                             offline_record=str(root / "metrics" / "tracking_offline.json"),
+                             system_metrics=False)
     s = p["synthesize"]
     s["cirr"].update(train_queries=160, val_queries=48, test1_queries=40)
     s["fashioniq"].update(train_per_category=24, val_per_category=12, test_per_category=6)
     s["ipr2pr"].update(originals=24, edits_per_original=3, shards=2)
-    p["prepare"]["out"] = str(root / "data" / "prepared")
-    p["validate"].update(prepared=str(root / "data" / "prepared"), report_dir=str(root / "reports" / "validation"))
     for stage, steps in (("stage1_detail", 3), ("stage2_branches", 4), ("stage3_fusion", 3)):
         loop = p[stage]["loop"]
         loop.update(max_steps=steps, batch_size=16, warmup_steps=1, checkpoint_every=2, log_every=1)
     p["stage3_fusion"]["cache_queries"] = 64
-    p["evaluate"].update(
-        bootstrap=50,
-        report_samples=3,
-        out_metrics=str(root / "metrics" / "eval.json"),
-        out_plots=str(root / "plots"),
-        out_reports=str(root / "reports"),
-    )
+    p["evaluate"].update(bootstrap=50, report_samples=3)
+    if not relative:
+        p["data"]["root"] = str(root / "data" / "synthetic")
+        p["prepare"]["out"] = str(root / "data" / "prepared")
+        p["validate"].update(prepared=str(root / "data" / "prepared"), report_dir=str(root / "reports" / "validation"))
+        p["evaluate"].update(
+            out_metrics=str(root / "metrics" / "eval.json"),
+            out_plots=str(root / "plots"),
+            out_reports=str(root / "reports"),
+        )
     return p
 
 

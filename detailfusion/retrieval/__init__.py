@@ -1,0 +1,1 @@
+"""Batch retrieval with the registered champion model."""
