@@ -77,6 +77,13 @@ def test_dvc_repro_end_to_end_then_gated_promotion(repo):
     assert [v["version"] for v in versions] == ["1"] or [str(v["version"]) for v in versions] == ["1"]
     assert "champion" in versions[0]["aliases"]
 
+    # the champion, loaded from the registry in a fresh process without the training/eval code,
+    # ranks the val queries exactly as the evaluate stage's submission file says
+    got = _champion_rankings(root, env)
+    assert got["training_modules_loaded"] == []
+    written = json.loads((root / "reports" / "submission" / "recall_submission_val.json").read_text())
+    assert got["rankings"] == written
+
     # a second model that does not beat the champion by the margin leaves the champion in place
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["registry"]["min_margin"] = 1000.0
@@ -90,3 +97,34 @@ def test_dvc_repro_end_to_end_then_gated_promotion(repo):
                                                                 env).stdout)}
     assert set(versions) == {"1", "2"}
     assert "champion" in versions["1"]["aliases"] and "champion" not in versions["2"]["aliases"]
+
+
+CHAMPION_RANKING = r'''
+import json, sys
+from pathlib import Path
+import numpy as np, pandas as pd, mlflow
+
+root = Path(sys.argv[1])
+mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+model = mlflow.pyfunc.load_model("models:/detailfusion-cirr@champion")
+cirr = root / "data" / "synthetic" / "cirr"
+split = json.loads((cirr / "image_splits" / "split.rc2.val.json").read_text())
+queries = json.loads((cirr / "captions" / "cap.rc2.val.json").read_text())
+names = list(split)
+gallery = model.predict(pd.DataFrame({"task": "gallery", "image": [split[n] for n in names]}),
+                        params={"image_root": str(cirr)})
+emb = model.predict(pd.DataFrame({"task": "query", "image": [split[q["reference"]] for q in queries],
+                                  "text": [q["caption"] for q in queries]}), params={"image_root": str(cirr)})
+out = {"version": "rc2", "metric": "recall"}
+sims = emb @ gallery.T
+for q, s in zip(queries, sims):
+    order = np.argsort(-s, kind="stable")
+    out[str(q["pairid"])] = [names[j] for j in order if names[j] != q["reference"]][:50]
+loaded = [m for m in sys.modules if m.startswith("detailfusion.") and m.split(".")[1] in ("train", "eval")]
+print(json.dumps({"rankings": out, "training_modules_loaded": loaded}))
+'''
+
+
+def _champion_rankings(root: Path, env: dict) -> dict:
+    done = _run([sys.executable, "-c", CHAMPION_RANKING, str(root)], root, env)
+    return json.loads(done.stdout.strip().splitlines()[-1])

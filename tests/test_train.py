@@ -152,7 +152,42 @@ def test_ablation_suite_runs_variants_and_resumes(world_copy, monkeypatch):
     assert on_disk == summary
     table = (root / "reports" / "ablations.md").read_text()
     assert table.count("\n") == 4 and "| gm_only | 2 |" in table
+    # MLflow: one parent run for the suite, one nested run per (variant, seed) with the ablation
+    # tag and the same headline metric keys; the table is an artifact of the parent
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(world_copy["params"]["tracking"]["tracking_uri"])
+    exp = client.get_experiment_by_name("detailfusion-cirr")
+    runs = client.search_runs([exp.experiment_id], "tags.`detailfusion.stage` = 'ablation'")
+    assert sorted((r.data.tags["ablation"], r.data.tags["ablation.seed"]) for r in runs) == [
+        ("full", "0"), ("full", "1"), ("gm_only", "0"), ("gm_only", "1")]
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert len(parents) == 1
+    keys = [{k for k in r.data.metrics if not k.startswith("stage")} for r in runs]
+    assert all(k == keys[0] for k in keys) and {"R_at_1", "Rsub_at_1", "Avg"} <= keys[0]
+    parent_files = {a.path for a in client.list_artifacts(parents.pop(), "ablations")}
+    assert parent_files == {"ablations/ablations.json", "ablations/ablations.md"}
+
     # a rerun with the same params reuses every finished run
     calls = []
     monkeypatch.setattr(ablations, "_run_one", lambda *a, **k: calls.append(a))
     assert ablations.run_suite(**kw) == summary and calls == []
+
+
+@pytest.mark.slow
+def test_fashioniq_target_dataset_trains_and_evaluates_per_category(world_copy):
+    from detailfusion.eval.evaluate import EvaluateConfig, run_evaluate
+
+    root = world_copy["root"]
+    p = world_copy["params"]
+    p["stage2_branches"]["dataset"] = "fashioniq"
+    world_copy["params_path"].write_text(yaml.safe_dump(p))
+    out = _run_all_stages(world_copy, root / "models", root / "metrics")
+    assert out["stage2_branches"]["train_queries"] > 0
+    assert {"dress/R@10", "shirt/R@50", "Avg"} <= set(out["stage3_fusion"]["val"]["model"])
+    cfg = EvaluateConfig(**{**p["evaluate"], "bootstrap": 10})
+    summary = run_evaluate(cfg, root / "models" / "stage3" / "model", Path(p["prepare"]["out"]), "fashioniq",
+                           progress=False)
+    assert set(summary["metrics"]) == {f"{c}/R@{k}" for c in ("dress", "shirt", "toptee") for k in (10, 50)} | {
+        "avg/R@10", "avg/R@50", "Avg"}
+    assert json.loads((root / "metrics" / "headline.json").read_text()) == summary["metrics"]

@@ -9,9 +9,7 @@ and the HTML retrieval report.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from tqdm.auto import tqdm
 from detailfusion.errors import DetailFusionError
 from detailfusion.eval import metrics as M
 from detailfusion.eval.baselines import pixel_reference_baseline, reference_only_queries
+from detailfusion.fsutil import write_json_atomic
 from detailfusion.train.data import gather_pixels
 
 log = logging.getLogger(__name__)
@@ -168,13 +167,6 @@ def quick_validation(model, prepared, split: str = "val", progress: bool = False
     return {name: v["metrics"] for name, v in res["variants"].items() if "metrics" in v}
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _round(d: dict) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
 
@@ -236,8 +228,8 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: Path, prepared_dir: Path, datas
         summary["branches"] = {k: _round(v["metrics"]) for k, v in res.items() if k != "model"}
         curves = {name: {k: v["metrics"][f"avg/R@{k}"] for k in M.FIQ_KS} for name, v in res.items()}
         write_recall_curves(curves, plots_dir / "recall_curves.csv", plots_dir / "recall_curves.png")
-        _write_json(out_metrics, {dataset: summary})
-        _write_json(out_metrics.with_name("headline.json"), summary["metrics"])
+        write_json_atomic(out_metrics, {dataset: summary})
+        write_json_atomic(out_metrics.with_name("headline.json"), summary["metrics"])
         return summary
 
     res = cirr_evaluation(model, prepared, cfg.split, cfg.batch_size, progress)
@@ -275,9 +267,9 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: Path, prepared_dir: Path, datas
     write_recall_curves(curves, plots_dir / "recall_curves.csv", plots_dir / "recall_curves.png")
     write_retrieval_report(reports_dir / "retrieval" / "index.html", _report_samples(res, prepared, cfg.split, cfg),
                            title=f"DetailFusion ({model.variant.name}) on {dataset} {cfg.split}")
-    _write_json(out_metrics, {dataset: summary})
+    write_json_atomic(out_metrics, {dataset: summary})
     # flat headline metrics of the evaluated data set: what the registry gate compares
-    _write_json(out_metrics.with_name("headline.json"), summary["metrics"])
+    write_json_atomic(out_metrics.with_name("headline.json"), summary["metrics"])
     return summary
 
 

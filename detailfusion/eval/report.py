@@ -12,8 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from detailfusion.eval.metrics import EvalInputError
+from detailfusion.fsutil import write_text_atomic
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
@@ -87,18 +86,7 @@ def render_retrieval_report(samples: Sequence[ReportSample], title: str) -> str:
 
 def write_retrieval_report(path: str | Path, samples: Sequence[ReportSample], title: str) -> Path:
     """Write the self-contained HTML report to ``path`` (atomically) and return the path."""
-    text = render_retrieval_report(samples, title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, render_retrieval_report(samples, title))
 
 
 def _render_sample(s: ReportSample) -> str:

@@ -14,8 +14,6 @@ manifest, so the pipeline can check that what it uploads scores exactly what it 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import pandas as pd
 
 from detailfusion.errors import DataFormatError
 from detailfusion.eval.metrics import cirr_metrics
+from detailfusion.fsutil import write_text_atomic
 
 VERSION = "rc2"
 RECALL_METRIC = "recall"
@@ -91,7 +90,7 @@ def write_cirr_submission(
             )
         texts[path] = text
     for path, text in texts.items():
-        _write_atomic(path, text)
+        write_text_atomic(path, text)
     return recall_path, subset_path
 
 
@@ -206,14 +205,3 @@ def _check_names(names: list[str], length: int, reference: str | None, path: Pat
     if reference is not None and reference in names:
         raise DataFormatError(path, f"list contains the query's reference {reference!r}", record=key)
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -9,15 +9,16 @@ params, so an interrupted suite resumes. The summary is ``metrics/ablations.json
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import statistics
 from pathlib import Path
 
 import yaml
 
 from detailfusion.config import load_params, load_section
+from detailfusion.fsutil import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +50,47 @@ def run_params(base: dict, variant: str, seed: int, run_dir: Path) -> dict:
     return p
 
 
-def _run_one(params: dict, run_dir: Path, progress: bool) -> dict:
+def _run_one(params: dict, run_dir: Path, progress: bool, run=None) -> dict:
     from detailfusion.eval.evaluate import EvaluateConfig, run_evaluate
     from detailfusion.train.stages import RUNNERS, StageContext
 
     params_path = run_dir / "params.yaml"
     ctx = StageContext(params_path, models_dir=run_dir / "models", metrics_dir=run_dir / "metrics")
-    for stage in STAGE_SECTIONS:
+    for n, stage in enumerate(STAGE_SECTIONS, start=1):
         log.warning("ablation %s: %s", run_dir.name, stage)
-        RUNNERS[stage](ctx, progress=progress)
+        on_log = None
+        if run is not None:
+            def on_log(step, logs, n=n):
+                run.log_metrics({f"stage{n}/train/{k}": v for k, v in logs.items()}, step=step)
+        RUNNERS[stage](ctx, progress=progress, on_log=on_log)
     cfg = load_section(EvaluateConfig, params, "evaluate")
     dataset = params["stage2_branches"]["dataset"]
     return run_evaluate(cfg, run_dir / "models" / "stage3" / "model", ctx.prepared_dir, dataset, progress=progress)
+
+
+def _tracking_config(params: dict):
+    """The ``tracking`` section when present and enabled, else None (the suite runs untracked)."""
+    if "tracking" not in params:
+        return None
+    from detailfusion.tracking import TrackingConfig
+
+    cfg = load_section(TrackingConfig, params, "tracking")
+    return cfg if cfg.enabled else None
+
+
+@contextlib.contextmanager
+def _ablation_run(tracking, params: dict, variant: str, seed: int):
+    """One MLflow run per (variant, seed), nested under this suite's parent run (one per process)."""
+    if tracking is None:
+        yield None
+        return
+    from detailfusion.tracking import stage_run
+
+    sections = {k: params[k] for k in ("model", *STAGE_SECTIONS, "evaluate") if k in params}
+    dataset = params["stage2_branches"]["dataset"]
+    with stage_run("ablation", sections, dataset, variant, config=tracking) as run:
+        run.set_tags({"ablation.seed": seed, "ablation.run": f"{variant}-seed{seed}"})
+        yield run
 
 
 def run_suite(params_path: str | Path = "params.yaml", out: str | Path = "ablations", variants=None, seeds=None,
@@ -68,6 +98,7 @@ def run_suite(params_path: str | Path = "params.yaml", out: str | Path = "ablati
               progress: bool = True) -> dict:
     """Run (or resume) the suite and write the summary JSON and markdown table."""
     base = load_params(params_path)
+    tracking = _tracking_config(base)
     out = Path(out)
     results: dict[str, dict[int, dict]] = {}
     for variant, seed in plan(variants, seeds):
@@ -76,17 +107,30 @@ def run_suite(params_path: str | Path = "params.yaml", out: str | Path = "ablati
         done = run_dir / "metrics" / "eval.json"
         params_path_run = run_dir / "params.yaml"
         same = params_path_run.is_file() and yaml.safe_load(params_path_run.read_text()) == params
-        if not (same and done.is_file()):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            params_path_run.write_text(yaml.safe_dump(params, sort_keys=False))
-            done.unlink(missing_ok=True)
-            _run_one(params, run_dir, progress)
+        with _ablation_run(tracking, params, variant, seed) as run:
+            if not (same and done.is_file()):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                params_path_run.write_text(yaml.safe_dump(params, sort_keys=False))
+                done.unlink(missing_ok=True)
+                _run_one(params, run_dir, progress, run)
+            elif run is not None:
+                run.set_tags({"ablation.reused_results": str(run_dir)})
+            if run is not None:
+                # the flat headline file gives every variant the same metric keys for Compare
+                run.log_metrics_file(done.with_name("headline.json"))
+                run.log_artifact(done, artifact_path="evaluation")
         evaluation = json.loads(done.read_text())
         dataset = next(iter(evaluation))
         results.setdefault(variant, {})[seed] = evaluation[dataset]
     summary = summarise(results)
-    _write(Path(summary_path), json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    _write(Path(table_path), markdown_table(summary))
+    write_json_atomic(summary_path, summary)
+    write_text_atomic(table_path, markdown_table(summary))
+    if tracking is not None:
+        from detailfusion.tracking import stage_run
+
+        with stage_run("ablation_summary", {}, base["stage2_branches"]["dataset"], config=tracking) as run:
+            run.log_parent_artifact(summary_path, artifact_path="ablations")
+            run.log_parent_artifact(table_path, artifact_path="ablations")
     return summary
 
 
@@ -124,9 +168,3 @@ def markdown_table(summary: dict) -> str:
         lines.append(f"| {variant} | {row['n_seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

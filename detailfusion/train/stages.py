@@ -22,6 +22,7 @@ import torch
 
 from detailfusion.config import load_params, load_section, to_dict
 from detailfusion.errors import ConfigError
+from detailfusion.fsutil import write_json_atomic
 from detailfusion.train.config import ModelSection, Stage1Config, Stage2Config, Stage3Config
 from detailfusion.train.data import StepSampler, build_triplets, gather_pixels
 from detailfusion.train.loop import resolve_device, run_training
@@ -30,13 +31,6 @@ from detailfusion.train.tasks import BranchFinetuneTask, DetailPretrainTask, Fus
 log = logging.getLogger(__name__)
 
 STAGES = ("stage1_detail", "stage2_branches", "stage3_fusion")
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _config_hash(obj: dict) -> str:
@@ -63,10 +57,10 @@ def _save_stage(model, out_dir: Path, summary: dict, metrics_path: Path, metrics
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_pretrained(model, tmp / "model")
-    _write_json(tmp / "summary.json", summary)
+    write_json_atomic(tmp / "summary.json", summary)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
-    _write_json(metrics_path, metrics)
+    write_json_atomic(metrics_path, metrics)
 
 
 class StageContext:
