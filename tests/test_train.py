@@ -191,3 +191,24 @@ def test_fashioniq_target_dataset_trains_and_evaluates_per_category(world_copy):
     assert set(summary["metrics"]) == {f"{c}/R@{k}" for c in ("dress", "shirt", "toptee") for k in (10, 50)} | {
         "avg/R@10", "avg/R@50", "Avg"}
     assert json.loads((root / "metrics" / "headline.json").read_text()) == summary["metrics"]
+
+
+@pytest.mark.slow
+def test_ddp_under_torchrun_two_cpu_processes(world_copy):
+    """DDP (gloo) under torchrun: both ranks train on their shard of each batch, rank 0 writes."""
+    root = world_copy["root"]
+    ctx = StageContext(world_copy["params_path"], models_dir=root / "models", metrics_dir=root / "metrics",
+                       prepared_dir=world_copy["params"]["prepare"]["out"])
+    RUNNERS["stage1_detail"](ctx, progress=False)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "detailfusion.cli", "--params",
+         str(world_copy["params_path"]), "--quiet", "train", "stage2_branches", "--models-dir", str(root / "models"),
+         "--metrics-dir", str(root / "metrics")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((root / "metrics" / "stage2.json").read_text())
+    assert metrics["steps"] == 4 and metrics["samples"] == 4 * 16  # global batch of 16 over 2 ranks
+    assert (root / "models" / "stage2" / "model" / "model.safetensors").is_file()

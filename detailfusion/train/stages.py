@@ -85,11 +85,23 @@ class StageContext:
         return self.models_dir / "checkpoints" / f"{stage}-{_config_hash(run_config)}"
 
 
+def is_main_process() -> bool:
+    """Rank 0 (or no DDP): the process that validates and writes outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _validate(model, prepared, progress: bool) -> dict:
+    from detailfusion.eval.evaluate import quick_validation
+
+    return quick_validation(model, prepared, progress=progress) if is_main_process() else {}
+
+
 def _finish(ctx: StageContext, stage: str, model, summary: dict, extra_metrics: dict, ckpt_dir: Path) -> dict:
     n = STAGES.index(stage) + 1
     metrics = {"stage": stage, "variant": ctx.model_section.variant, **summary, **extra_metrics}
-    _save_stage(model, ctx.models_dir / f"stage{n}", summary, ctx.metrics_dir / f"stage{n}.json", metrics)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if is_main_process():
+        _save_stage(model, ctx.models_dir / f"stage{n}", summary, ctx.metrics_dir / f"stage{n}.json", metrics)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics
 
 
@@ -121,7 +133,6 @@ def run_stage1(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
 
 def run_stage2(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
     from detailfusion.data.prepared import load_prepared
-    from detailfusion.eval.evaluate import quick_validation
     from detailfusion.models.io import load_pretrained
 
     cfg = load_section(Stage2Config, ctx.params, "stage2_branches", source=str(ctx.params_path))
@@ -147,7 +158,7 @@ def run_stage2(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
     summary = run_training(task, loop, ckpt_dir, run_config=run_config, on_log=on_log, progress=progress)
     summary.update({"train_queries": len(triplets), "dropped_queries": triplets.dropped,
                     "equalized_budget": loop.max_steps != cfg.loop.max_steps})
-    val = quick_validation(model, prepared, progress=progress)
+    val = _validate(model, prepared, progress)
     return _finish(ctx, "stage2_branches", model, summary, {"val": val}, ckpt_dir)
 
 
@@ -178,7 +189,6 @@ def cache_branch_outputs(model, triplets, pixels, batch_size: int = 256, progres
 
 def run_stage3(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
     from detailfusion.data.prepared import load_prepared
-    from detailfusion.eval.evaluate import quick_validation
     from detailfusion.models.io import load_pretrained
 
     cfg = load_section(Stage3Config, ctx.params, "stage3_fusion", source=str(ctx.params_path))
@@ -189,7 +199,7 @@ def run_stage3(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
     prepared = load_prepared(ctx.prepared_dir, s2.dataset)
     if model.afc is None:
         summary = {"skipped": True, "reason": f"variant '{ctx.model_section.variant}' has no compositor", "steps": 0}
-        val = quick_validation(model, prepared, progress=progress)
+        val = _validate(model, prepared, progress)
         return _finish(ctx, "stage3_fusion", model, summary, {"val": val}, ckpt_dir)
 
     triplets = build_triplets(prepared, s2.split)
@@ -205,7 +215,7 @@ def run_stage3(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
     summary = run_training(task, cfg.loop, ckpt_dir, run_config=run_config, on_log=on_log, progress=progress)
     summary.update({"skipped": False, "cached_queries": len(triplets)})
     model.cpu()
-    val = quick_validation(model, prepared, progress=progress)
+    val = _validate(model, prepared, progress)
     return _finish(ctx, "stage3_fusion", model, summary, {"val": val}, ckpt_dir)
 
 
