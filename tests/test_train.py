@@ -65,6 +65,21 @@ def test_three_stages_end_to_end(world_copy):
     assert set(out["stage3_fusion"]["val"]) >= {"model", "gm", "di"}
     assert not (root / "models" / "checkpoints").exists() or not any((root / "models" / "checkpoints").iterdir())
 
+    # the files real users upload: test1 has no targets, 50 / 3 names per pairid, no reference
+    from detailfusion.cli import main
+    from detailfusion.eval.submission import read_cirr_submission
+
+    sub = root / "submission"
+    assert main(["--params", str(world_copy["params_path"]), "-q", "evaluate", "--submission-only", "--split",
+                 "test1", "--model", str(root / "models" / "stage3" / "model"), "--out", str(sub)]) == 0
+    metric, recall = read_cirr_submission(sub / "recall_submission_test1.json")
+    _, subset = read_cirr_submission(sub / "recall_subset_submission_test1.json")
+    test1 = json.loads((Path(world_copy["params"]["data"]["root"]) / "cirr" / "captions" / "cap.rc2.test1.json").read_text())
+    assert metric == "recall" and set(recall) == {str(q["pairid"]) for q in test1} == set(subset)
+    for q in test1:
+        assert len(recall[str(q["pairid"])]) == 50 and q["reference"] not in recall[str(q["pairid"])]
+        assert len(subset[str(q["pairid"])]) == 3 and set(subset[str(q["pairid"])]) <= set(q["img_set"]["members"])
+
 
 @pytest.mark.slow
 def test_variant_without_stage1_gets_the_same_step_budget(world_copy):
@@ -212,3 +227,30 @@ def test_ddp_under_torchrun_two_cpu_processes(world_copy):
     metrics = json.loads((root / "metrics" / "stage2.json").read_text())
     assert metrics["steps"] == 4 and metrics["samples"] == 4 * 16  # global batch of 16 over 2 ranks
     assert (root / "models" / "stage2" / "model" / "model.safetensors").is_file()
+
+
+def test_cli_reports_bad_params_and_missing_inputs_clearly(world_copy, capsys):
+    from detailfusion.cli import main
+
+    root = world_copy["root"]
+    params = world_copy["params"]
+    bad = root / "bad.yaml"
+
+    params_bad = yaml.safe_load(yaml.safe_dump(params))
+    params_bad["model"]["variant"] = "gm_onyl"
+    bad.write_text(yaml.safe_dump(params_bad))
+    assert main(["--params", str(bad), "-q", "train", "stage1_detail", "--models-dir", str(root / "m")]) == 2
+    assert "gm_onyl" in capsys.readouterr().err
+
+    params_bad = yaml.safe_load(yaml.safe_dump(params))
+    params_bad["stage2_branches"]["loop"]["batch_size"] = 1
+    bad.write_text(yaml.safe_dump(params_bad))
+    assert main(["--params", str(bad), "-q", "train", "stage2_branches", "--models-dir", str(root / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "stage2_branches.loop" in err and "batch_size" in err
+
+    # stage 2 without a stage-1 model names the missing folder; nothing is written
+    assert main(["--params", str(world_copy["params_path"]), "-q", "train", "stage2_branches",
+                 "--models-dir", str(root / "empty")]) == 2
+    assert str(root / "empty" / "stage1") in capsys.readouterr().err
+    assert not (root / "empty" / "stage2").exists()

@@ -77,9 +77,12 @@ class StageContext:
         self.prepared_dir = Path(prepared)
 
     def variant(self):
-        from detailfusion.models import VARIANTS
+        from detailfusion.models import VARIANTS, list_variants
 
-        return VARIANTS[self.model_section.variant]
+        name = self.model_section.variant
+        if name not in VARIANTS:
+            raise ConfigError(f"{self.params_path}: model.variant '{name}' is unknown; choose from {list_variants()}")
+        return VARIANTS[name]
 
     def checkpoint_dir(self, stage: str, run_config: dict) -> Path:
         return self.models_dir / "checkpoints" / f"{stage}-{_config_hash(run_config)}"
