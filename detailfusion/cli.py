@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def tracked(args: argparse.Namespace, stage: str, sections: tuple[str, ...], var
     from detailfusion.config import load_params, load_section
 
     params = load_params(args.params)
-    if "tracking" not in params:
+    if "tracking" not in params or os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 tracks
         yield None
         return
     from detailfusion.tracking import TrackingConfig, stage_run
@@ -185,7 +186,12 @@ def cmd_ablations(args: argparse.Namespace) -> int:
 
     variants = args.variants.split(",") if args.variants else None
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    summary = run_suite(args.params, args.out, variants, seeds, progress=not args.quiet)
+    if args.budget_scale <= 0:
+        from detailfusion.errors import ConfigError
+
+        raise ConfigError(f"--budget-scale must be > 0, got {args.budget_scale}")
+    summary = run_suite(args.params, args.out, variants, seeds, progress=not args.quiet,
+                        budget_scale=args.budget_scale)
     print(markdown_table(summary))
     return 0
 
@@ -260,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help="comma-separated (default: all six)")
     p.add_argument("--seeds", help="comma-separated seeds for full/gm_only/di_only (default: 0,1,2)")
     p.add_argument("--out", default="ablations", help="folder for the per-run outputs")
+    p.add_argument("--budget-scale", type=float, default=1.0,
+                   help="scale every stage's max_steps by this factor (same for all variants)")
     p.set_defaults(func=cmd_ablations)
 
     return parser

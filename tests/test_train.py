@@ -103,7 +103,7 @@ def _stage2_cmd(world: dict, models: Path, metrics: Path) -> list[str]:
 def test_resume_after_kill_matches_uninterrupted_run(world_copy):
     root = world_copy["root"]
     p = world_copy["params"]
-    p["stage2_branches"]["loop"].update(max_steps=40, checkpoint_every=4)
+    p["stage2_branches"]["loop"].update(max_steps=24, checkpoint_every=3)
     world_copy["params_path"].write_text(yaml.safe_dump(p))
     ctx = StageContext(world_copy["params_path"], models_dir=root / "models", metrics_dir=root / "metrics",
                        prepared_dir=p["prepare"]["out"])

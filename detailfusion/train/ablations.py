@@ -35,12 +35,19 @@ def plan(variants: list[str] | None = None, seeds: list[int] | None = None) -> l
     return [(v, s) for v in variants for s in (seeds if v in MULTI_SEED else seeds[:1])]
 
 
-def run_params(base: dict, variant: str, seed: int, run_dir: Path) -> dict:
-    """The base params with the variant and seeds set and the run's outputs under ``run_dir``."""
+def run_params(base: dict, variant: str, seed: int, run_dir: Path, budget_scale: float = 1.0) -> dict:
+    """The base params with the variant and seeds set and the run's outputs under ``run_dir``.
+
+    ``budget_scale`` scales every stage's ``max_steps`` (the same for all variants), to fit a
+    whole suite into a time budget.
+    """
     p = yaml.safe_load(yaml.safe_dump(base))
     p["model"]["variant"] = variant
     for section in STAGE_SECTIONS:
-        p[section]["loop"]["seed"] = seed
+        loop = p[section]["loop"]
+        loop["seed"] = seed
+        if budget_scale != 1.0:
+            loop["max_steps"] = max(1, round(loop["max_steps"] * budget_scale))
     p["evaluate"].update(
         out_metrics=str(run_dir / "metrics" / "eval.json"),
         out_plots=str(run_dir / "plots"),
@@ -95,7 +102,7 @@ def _ablation_run(tracking, params: dict, variant: str, seed: int):
 
 def run_suite(params_path: str | Path = "params.yaml", out: str | Path = "ablations", variants=None, seeds=None,
               summary_path: str | Path = "metrics/ablations.json", table_path: str | Path = "reports/ablations.md",
-              progress: bool = True) -> dict:
+              progress: bool = True, budget_scale: float = 1.0) -> dict:
     """Run (or resume) the suite and write the summary JSON and markdown table."""
     base = load_params(params_path)
     tracking = _tracking_config(base)
@@ -103,7 +110,7 @@ def run_suite(params_path: str | Path = "params.yaml", out: str | Path = "ablati
     results: dict[str, dict[int, dict]] = {}
     for variant, seed in plan(variants, seeds):
         run_dir = out / f"{variant}-seed{seed}"
-        params = run_params(base, variant, seed, run_dir)
+        params = run_params(base, variant, seed, run_dir, budget_scale)
         done = run_dir / "metrics" / "eval.json"
         params_path_run = run_dir / "params.yaml"
         same = params_path_run.is_file() and yaml.safe_load(params_path_run.read_text()) == params
