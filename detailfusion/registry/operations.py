@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -116,22 +115,11 @@ class _Registry:
 
 def metrics_from_files(paths: list[str | Path]) -> dict[str, float]:
     """Numbers from metrics JSON files (nested keys joined with ``/``), later files winning."""
-    from detailfusion.config import flatten
-    from detailfusion.errors import DataFormatError
+    from detailfusion.tracking.runs import read_metrics_json
 
     out: dict[str, float] = {}
-    for path in map(Path, paths):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataFormatError(path, "metrics file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataFormatError(path, f"not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise DataFormatError(path, f"top level must be an object, got {type(data).__name__}")
-        for key, value in flatten(data).items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                out[key.replace(".", "/")] = float(value)
+    for path in paths:
+        out.update(read_metrics_json(path))
     return out
 
 

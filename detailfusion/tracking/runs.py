@@ -644,22 +644,8 @@ class StageRun:
         Returns the metrics as logged (MLflow keys). A missing or malformed file raises
         :class:`~detailfusion.errors.DataFormatError`: the stage wrote it, so that is a bug.
         """
-        from detailfusion.errors import DataFormatError
-
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataFormatError(path, "metrics file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataFormatError(path, f"not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise DataFormatError(path, f"top level must be an object, got {type(data).__name__}")
-        metrics = {
-            mlflow_key(prefix + k.replace(".", "/")): float(v)
-            for k, v in flatten(data).items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-        }
+        metrics = {mlflow_key(prefix + k): v for k, v in read_metrics_json(path).items()}
         self.log_metrics(metrics, step=step)
         self.flush()
         self.log_artifact(path, artifact_path="metrics")
@@ -732,6 +718,29 @@ class StageRun:
         if not (self.parent and self.parent.log_artifact(path, artifact_path)):
             self.record.artifacts.append({"path": str(Path(path).resolve()), "artifact_path": artifact_path,
                                           "run": "parent"})  # fmt: skip
+
+
+def read_metrics_json(path: str | Path) -> dict[str, float]:
+    """The finite numbers of a metrics JSON file, nested keys joined with ``/``.
+
+    A missing or malformed file raises :class:`~detailfusion.errors.DataFormatError` naming it.
+    """
+    from detailfusion.errors import DataFormatError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataFormatError(path, "metrics file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataFormatError(path, f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DataFormatError(path, f"top level must be an object, got {type(data).__name__}")
+    return {
+        k.replace(".", "/"): float(v)
+        for k, v in flatten(data).items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def _param_value(value: Any) -> str:
