@@ -190,8 +190,8 @@ def cmd_ablations(args: argparse.Namespace) -> int:
         from detailfusion.errors import ConfigError
 
         raise ConfigError(f"--budget-scale must be > 0, got {args.budget_scale}")
-    summary = run_suite(args.params, args.out, variants, seeds, progress=not args.quiet,
-                        budget_scale=args.budget_scale)
+    summary = run_suite(args.params, args.out, variants, seeds, summary_path=args.summary, table_path=args.table,
+                        progress=not args.quiet, budget_scale=args.budget_scale)
     print(markdown_table(summary))
     return 0
 
@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help="comma-separated (default: all six)")
     p.add_argument("--seeds", help="comma-separated seeds for full/gm_only/di_only (default: 0,1,2)")
     p.add_argument("--out", default="ablations", help="folder for the per-run outputs")
+    p.add_argument("--summary", default="metrics/ablations.json", help="summary JSON path")
+    p.add_argument("--table", default="reports/ablations.md", help="markdown table path")
     p.add_argument("--budget-scale", type=float, default=1.0,
                    help="scale every stage's max_steps by this factor (same for all variants)")
     p.set_defaults(func=cmd_ablations)
