@@ -159,6 +159,13 @@ class StepSampler:
         order = self._epoch_order(epoch)
         return order[k * self.batch_size : (k + 1) * self.batch_size]
 
+    def micro_batch(self, step: int, micro: int, n_micro: int, rank: int, world: int) -> np.ndarray:
+        """This rank's share of micro-batch ``micro`` of the global batch of ``step``."""
+        rows = self.batch(step)
+        per = len(rows) // (n_micro * world)
+        start = (micro * world + rank) * per
+        return rows[start : start + per]
+
 
 def gather_pixels(pixels: np.ndarray, index: np.ndarray) -> torch.Tensor:
     """uint8 [B, H, W, 3] tensor for the given cache rows (memmap friendly: one sorted read)."""

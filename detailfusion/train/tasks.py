@@ -63,12 +63,6 @@ class TrainingTask(nn.Module):
         self.seed = seed
         self._tokens = None
 
-    def micro_rows(self, step: int, micro: int, n_micro: int, rank: int, world: int) -> np.ndarray:
-        rows = self.sampler.batch(step)
-        per = len(rows) // (n_micro * world)
-        start = (micro * world + rank) * per
-        return rows[start : start + per]
-
     def tokens(self, rows: np.ndarray) -> torch.Tensor:
         if self._tokens is None:
             self._tokens = self.model.tokenize(self.triplets.texts)
@@ -93,7 +87,7 @@ class DetailPretrainTask(TrainingTask):
         self.mask_ratio = mask_ratio
 
     def batch(self, step: int, micro: int, n_micro: int, rank: int, world: int) -> dict:
-        rows = self.micro_rows(step, micro, n_micro, rank, world)
+        rows = self.sampler.micro_batch(step, micro, n_micro, rank, world)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 97 + micro * 7 + rank)
         n_patches = self.model.num_patches
         mask = patch_mask(len(rows), n_patches, self.mask_ratio, gen)
@@ -136,7 +130,7 @@ class BranchFinetuneTask(TrainingTask):
         self.fiq_random_captions = fiq_random_captions
 
     def batch(self, step: int, micro: int, n_micro: int, rank: int, world: int) -> dict:
-        rows = self.micro_rows(step, micro, n_micro, rank, world)
+        rows = self.sampler.micro_batch(step, micro, n_micro, rank, world)
         rng = np.random.default_rng([self.seed, step, micro, rank])
         if self.fiq_random_captions:
             texts = [
@@ -214,10 +208,7 @@ class FusionTask(nn.Module):
         self.hard_negatives = hard_negatives
 
     def batch(self, step: int, micro: int, n_micro: int, rank: int, world: int) -> dict:
-        rows = self.sampler.batch(step)
-        per = len(rows) // (n_micro * world)
-        start = (micro * world + rank) * per
-        idx = torch.as_tensor(rows[start : start + per])
+        idx = torch.as_tensor(self.sampler.micro_batch(step, micro, n_micro, rank, world))
         out = {k: v[idx] for k, v in self.cache.items() if k != "negatives"}
         if self.hard_negatives and "negatives" in self.cache:
             out["negatives"] = self.cache["negatives"][idx][:, : self.hard_negatives]
