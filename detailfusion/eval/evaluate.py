@@ -14,14 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
 from detailfusion.errors import DetailFusionError
 from detailfusion.eval import metrics as M
 from detailfusion.eval.baselines import pixel_reference_baseline, reference_only_queries
 from detailfusion.fsutil import write_json_atomic
-from detailfusion.train.data import gather_pixels
+from detailfusion.retrieval.embed import embed_gallery, embed_queries
 
 log = logging.getLogger(__name__)
 
@@ -47,42 +45,9 @@ class EvaluateConfig:
 
 # --------------------------------------------------------------------------- embeddings
 
-
-@torch.no_grad()
-def embed_images(model, pixels, index: np.ndarray, batch_size: int = 256, progress: bool = False,
-                 desc: str = "gallery") -> np.ndarray:
-    """Normalised target-side embeddings of cached images ``pixels[index]``."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for s in tqdm(range(0, len(index), batch_size), desc=desc, disable=not progress):
-        x = model.preprocess_uint8(gather_pixels(pixels, index[s : s + batch_size]).to(device))
-        out.append(model.encode_target(x).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, model.embed_dim), np.float32)
-
-
-@torch.no_grad()
-def embed_queries(model, pixels, ref_index: np.ndarray | None, texts: list[str], batch_size: int = 256,
-                  progress: bool = False, blank_reference: bool = False) -> dict[str, np.ndarray | None]:
-    """Fused and per-branch query embeddings; ``blank_reference`` gives the text-only query."""
-    model.eval()
-    device = next(model.parameters()).device
-    keys = ("query", "gm", "di", "weights")
-    parts: dict[str, list] = {k: [] for k in keys}
-    size = pixels.shape[1]
-    for s in tqdm(range(0, len(texts), batch_size), desc="queries", disable=not progress):
-        stop = min(s + batch_size, len(texts))
-        if blank_reference:
-            mean = torch.tensor([int(255 * m) for m in model.backbone.mean], dtype=torch.uint8)
-            raw = mean.view(1, 1, 1, 3).expand(stop - s, size, size, 3).contiguous()
-        else:
-            raw = gather_pixels(pixels, ref_index[s:stop])
-        tokens = model.tokenize(texts[s:stop]).to(device)
-        out = model.encode_query(model.preprocess_uint8(raw.to(device)), tokens)
-        for k in keys:
-            v = out.get(k)
-            parts[k].append(None if v is None else v.float().cpu())
-    return {k: (None if not v or v[0] is None else torch.cat(v).numpy()) for k, v in parts.items()}
+# The embedding code lives in detailfusion.retrieval.embed (shared with the stage-3 cache, the
+# pyfunc and batch retrieval); these names stay importable from here.
+embed_images = embed_gallery
 
 
 # --------------------------------------------------------------------------- protocols
@@ -108,7 +73,7 @@ def cirr_evaluation(model, prepared, split: str = "val", batch_size: int = 256, 
     q = _split_queries(prepared, split)
     names, gidx = prepared.gallery(split)
     names = list(names)
-    gallery = embed_images(model, prepared.pixels, np.asarray(gidx), batch_size, progress)
+    gallery = embed_gallery(model, prepared.pixels, np.asarray(gidx), batch_size, progress)
     emb = embed_queries(model, prepared.pixels, _ref_index(prepared, split, q), q["caption"].tolist(), batch_size,
                         progress)
     refs, members = q["reference"].tolist(), [list(m) for m in q["members"]]
@@ -148,7 +113,7 @@ def fiq_evaluation(model, prepared, split: str = "val", batch_size: int = 256, p
     for cat in sorted(set(prepared.queries["category"]) - {""}):
         q = _split_queries(prepared, split, cat)
         names, gidx = prepared.gallery(split, cat)
-        gallery = embed_images(model, prepared.pixels, np.asarray(gidx), batch_size, progress, desc=f"gallery {cat}")
+        gallery = embed_gallery(model, prepared.pixels, np.asarray(gidx), batch_size, progress, desc=f"gallery {cat}")
         emb = embed_queries(model, prepared.pixels, _ref_index(prepared, split, q, cat), q["caption"].tolist(),
                             batch_size, progress)
         for name, f in (("model", emb["query"]), ("gm", emb["gm"]), ("di", emb["di"])):

@@ -21,7 +21,6 @@ Output: float32 array ``[rows, D]``, unit-norm rows, in input order. Params: ``b
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -36,8 +35,6 @@ class DetailFusionEmbedder(PythonModel):
     """Embeds composed queries and gallery images with a saved DetailFusion model."""
 
     def load_context(self, context: Any) -> None:
-        import torch
-
         from detailfusion.models.io import load_pretrained
 
         settings = context.model_config or {}
@@ -45,7 +42,6 @@ class DetailFusionEmbedder(PythonModel):
         self.target_ratio = float(settings["target_ratio"])
         self.default_batch_size = int(settings.get("batch_size", 256))
         self.model = load_pretrained(context.artifacts["weights"]).eval()
-        self._torch = torch
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         params = params or {}
@@ -80,19 +76,19 @@ class DetailFusionEmbedder(PythonModel):
                     out[chunk] = self._encode_gallery(pixels)
         return out
 
-    # The two encoders mirror detailfusion.eval.evaluate.embed_queries / embed_images exactly.
+    # The same encoders as evaluation, the stage-3 cache and batch retrieval.
     def _encode_queries(self, pixels: np.ndarray, captions: list[str]) -> np.ndarray:
-        with self._torch.no_grad():
-            tokens = self.model.tokenize(captions)
-            query = self.model.encode_query(self.model.preprocess_uint8(pixels), tokens)["query"]
-        return query.float().cpu().numpy()
+        from detailfusion.retrieval.embed import encode_queries
+
+        return encode_queries(self.model, pixels, captions, keys=("query",))["query"].numpy()
 
     def _encode_gallery(self, pixels: np.ndarray) -> np.ndarray:
-        with self._torch.no_grad():
-            return self.model.encode_target(self.model.preprocess_uint8(pixels)).float().cpu().numpy()
+        from detailfusion.retrieval.embed import encode_images
+
+        return encode_images(self.model, pixels).numpy()
 
     def _pixels(self, value: Any, row: int, image_root: str) -> np.ndarray:
-        from detailfusion.data.images import preprocess_bytes
+        from detailfusion.retrieval.embed import pixels_from_bytes
 
         source = f"row {row}"
         if isinstance(value, bytes | bytearray | memoryview):
@@ -102,27 +98,18 @@ class DetailFusionEmbedder(PythonModel):
             data = _read_uri(value, image_root, source)
         else:
             raise ValueError(f"row {row}: image must be bytes or a path/URI string, got {type(value).__name__}")
-        return preprocess_bytes(data, self.image_size, self.target_ratio, source=source)
+        return pixels_from_bytes(data, self.image_size, self.target_ratio, source=source)
 
 
 def _read_uri(uri: str, image_root: str, source: str) -> bytes:
-    if "://" in uri and not uri.startswith("file://"):
-        import fsspec
+    from detailfusion.retrieval.storage import StorageError, is_remote, join, local_path, read_bytes
 
-        try:
-            with fsspec.open(uri, "rb") as handle:
-                return handle.read()
-        except Exception as exc:  # fsspec backends raise their own error types
-            raise ValueError(f"{source}: cannot read image: {type(exc).__name__}: {exc}") from None
-    path = Path(uri.removeprefix("file://"))
-    if not path.is_absolute() and image_root:
-        if "://" in image_root and not image_root.startswith("file://"):
-            return _read_uri(image_root.rstrip("/") + "/" + uri, "", source)
-        path = Path(image_root.removeprefix("file://")) / path
+    if not is_remote(uri) and not local_path(uri).is_absolute() and image_root:
+        uri = join(image_root, str(local_path(uri)))
     try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"{source}: cannot read image file {path}: {exc.strerror or exc}") from None
+        return read_bytes(uri)
+    except StorageError as exc:
+        raise ValueError(f"{source}: cannot read image: {exc}") from None
 
 
 mlflow.models.set_model(DetailFusionEmbedder())

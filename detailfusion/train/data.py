@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from detailfusion.data.pixels import gather_pixels  # noqa: F401 - re-exported for the training tasks
 from detailfusion.errors import DataFormatError
 
 log = logging.getLogger(__name__)
@@ -165,14 +166,6 @@ class StepSampler:
         per = len(rows) // (n_micro * world)
         start = (micro * world + rank) * per
         return rows[start : start + per]
-
-
-def gather_pixels(pixels: np.ndarray, index: np.ndarray) -> torch.Tensor:
-    """uint8 [B, H, W, 3] tensor for the given cache rows (memmap friendly: one sorted read)."""
-    index = np.asarray(index, dtype=np.int64)
-    uniq, inverse = np.unique(index, return_inverse=True)
-    block = np.asarray(pixels[uniq])
-    return torch.from_numpy(block[inverse])
 
 
 def patch_mask(batch: int, n_patches: int, ratio: float, generator: torch.Generator) -> torch.Tensor | None:

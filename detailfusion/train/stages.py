@@ -24,7 +24,7 @@ from detailfusion.config import load_params, load_section, to_dict
 from detailfusion.errors import ConfigError
 from detailfusion.fsutil import write_json_atomic
 from detailfusion.train.config import ModelSection, Stage1Config, Stage2Config, Stage3Config
-from detailfusion.train.data import StepSampler, build_triplets, gather_pixels
+from detailfusion.train.data import StepSampler, build_triplets
 from detailfusion.train.loop import resolve_device, run_training
 from detailfusion.train.tasks import BranchFinetuneTask, DetailPretrainTask, FusionTask
 
@@ -165,27 +165,26 @@ def run_stage2(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
     return _finish(ctx, "stage2_branches", model, summary, {"val": val}, ckpt_dir)
 
 
-@torch.no_grad()
 def cache_branch_outputs(model, triplets, pixels, batch_size: int = 256, progress: bool = True) -> dict:
     """Frozen branch outputs + target/negative embeddings for every triplet (stage 3's input)."""
     from tqdm.auto import tqdm
 
+    from detailfusion.data.pixels import gather_pixels
+    from detailfusion.retrieval.embed import BRANCH_KEYS, encode_images, encode_queries
+
     model.eval()
-    device = next(model.parameters()).device
     tokens = model.tokenize(triplets.texts)
-    keys = ("gm", "di", "gm_tokens", "di_tokens")
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*keys, "target", "negatives")}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*BRANCH_KEYS, "target", "negatives")}
     for s in tqdm(range(0, len(triplets), batch_size), desc="cache branches", disable=not progress):
         rows = np.arange(s, min(s + batch_size, len(triplets)))
-        ref = model.preprocess_uint8(gather_pixels(pixels, triplets.ref[rows]).to(device))
-        out = model.branch_outputs(ref, tokens[rows].to(device))
-        for k in keys:
-            parts[k].append(out[k].float().cpu())
-        tgt = model.preprocess_uint8(gather_pixels(pixels, triplets.target[rows]).to(device))
-        parts["target"].append(model.encode_target(tgt).float().cpu())
+        out = encode_queries(model, gather_pixels(pixels, triplets.ref[rows]), tokens[rows], keys=BRANCH_KEYS,
+                             fuse=False)
+        for k in BRANCH_KEYS:
+            parts[k].append(out[k])
+        parts["target"].append(encode_images(model, gather_pixels(pixels, triplets.target[rows])))
         negs = triplets.negatives[rows]
-        flat = model.preprocess_uint8(gather_pixels(pixels, np.where(negs >= 0, negs, 0).reshape(-1)).to(device))
-        emb = model.encode_target(flat).float().cpu().view(len(rows), negs.shape[1], -1)
+        flat = encode_images(model, gather_pixels(pixels, np.where(negs >= 0, negs, 0).reshape(-1)))
+        emb = flat.view(len(rows), negs.shape[1], -1)
         parts["negatives"].append(emb * torch.from_numpy(negs >= 0).unsqueeze(-1).float())
     return {k: torch.cat(v) for k, v in parts.items()}
 
