@@ -9,6 +9,7 @@ the file and the key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -23,13 +24,34 @@ T = TypeVar("T")
 DEFAULT_PARAMS = Path("params.yaml")
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats.
+
+    PyYAML follows YAML 1.1, whose float pattern needs a dot and a signed exponent, so ``1e-3``
+    and ``1e5`` load as *strings*. People (and ``dvc exp run -S lr=1e-3``) write them that way,
+    so the 1.2 core-schema pattern is added here: ``1e-3``, ``1E5``, ``.5``, ``2.``, ``-1.5e+3``.
+    """
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$|^[-+]?(?:\d+\.\d*|\.\d+)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text the way ``params.yaml`` is read (see :class:`ParamsLoader`)."""
+    return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     """Load the whole ``params.yaml`` as a dict, with a clear error when it is unreadable."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:

@@ -216,7 +216,7 @@ def test_cli_promote_list_rollback(client, dataset, tmp_path, capsys):
     _version(client, dataset, 50.0)
     assert registry_main(["promote", "--params", str(params), "--dataset", dataset]) == 0
     _version(client, dataset, 50.2)
-    assert registry_main(["promote", "--params", str(params), "--dataset", dataset]) == 0
+    assert registry_main(["promote", "--params", str(params), "--dataset", dataset]) == 1  # refused
     out = capsys.readouterr().out
     assert "PROMOTED" in out and "REFUSED" in out and "min margin 0.5" in out
 
@@ -226,6 +226,10 @@ def test_cli_promote_list_rollback(client, dataset, tmp_path, capsys):
 
     assert registry_main(["rollback", "--params", str(params), "--name", name]) == 2
     assert "no @previous-champion" in capsys.readouterr().err
+
+    missing = tmp_path / "nowhere.yaml"
+    assert registry_main(["list", "--params", str(missing), "--name", name]) == 2
+    assert f"{missing}: params file not found" in capsys.readouterr().err
 
     params.write_text("registry:\n  metrc: Avg\n")
     assert registry_main(["list", "--params", str(params), "--name", name]) == 2
@@ -320,7 +324,62 @@ def test_concurrent_promotions_processes(client, dataset, mlflow_sqlite_server):
     results = [p.communicate(timeout=240) for p in procs]
     decisions = []
     for p, (out, err) in zip(procs, results, strict=True):
-        assert p.returncode == 0, err
-        decisions.append(json.loads(out)["decision"])
+        decision = json.loads(out)["decision"]
+        assert p.returncode == {"promoted": 0, "refused": 1}.get(decision, -1), err  # documented exit codes
+        decisions.append(decision)
     assert set(decisions) <= {"promoted", "refused"}
     _assert_consistent_history(client, name, versions[scores.index(max(scores))], decisions.count("promoted"))
+
+
+def test_margin_is_strict_and_the_reason_says_so(client, dataset):
+    cfg = RegistryConfig(min_margin=1.0)
+    name = cfg.name_for(dataset)
+    _version(client, dataset, 50.0)
+    promote(name, config=cfg, client=client)
+    _version(client, dataset, 51.0)  # exactly the margin: not "more than"
+    tie = promote(name, config=cfg, client=client)
+    assert tie.decision == "refused"
+    assert "by more than min_margin 1 (improvement +1.0000)" in tie.reason
+    _version(client, dataset, 40.0)
+    worse = promote(name, config=cfg, client=client)
+    assert "needs" not in worse.reason and "(improvement -10.0000)" in worse.reason
+
+
+def test_forced_promote_without_challenger_is_not_reported_as_forced(client, dataset):
+    name = f"detailfusion-{dataset}"
+    _version(client, dataset, 50.0)
+    promote(name, client=client)
+    nothing = promote(name, force=True, client=client)
+    assert nothing.decision == "unchanged"
+    assert nothing.format().splitlines()[0] == f"{name}: UNCHANGED"
+
+
+def test_rollback_marks_the_demoted_version(client, dataset):
+    name = f"detailfusion-{dataset}"
+    v1 = _version(client, dataset, 10.0)
+    promote(name, client=client)
+    v2 = _version(client, dataset, 20.0)
+    promote(name, client=client)
+    rollback(name, client=client)
+    rows = {str(r["version"]): r for r in list_versions(name, client=client)}
+    assert rows[v2]["decision"] == "rolled-back" and rows[v1]["aliases"] == [ALIAS_CHAMPION]
+
+
+def free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_says_one_line_when_the_tracking_server_is_down(tmp_path, capsys, monkeypatch):
+    port = free_tcp_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    params = tmp_path / "params.yaml"
+    params.write_text("registry:\n  retries: 1\n  backoff_s: 0.1\n  timeout_s: 2\n")
+    for command in (["list"], ["promote"], ["rollback"]):
+        assert registry_main([*command, "--params", str(params), "--name", "detailfusion-x"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: tracking server http://127.0.0.1:{port}: unreachable"), err

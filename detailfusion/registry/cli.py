@@ -8,6 +8,7 @@ and prints a human-readable result, or JSON with ``--json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,53 @@ from detailfusion.config import from_dict, load_params
 from detailfusion.registry.config import RegistryConfig
 from detailfusion.tracking.config import TrackingConfig
 
+# Exit codes of the registry commands, for scripts and flows (README "register").
+EXIT_OK = 0  # done (promoted, rolled back, listed), or nothing to do (no challenger, already champion)
+EXIT_REFUSED = 1  # `promote`: the gate refused the challenger; @champion unchanged
+EXIT_ERROR = 2  # bad input, a missing model/version, or the tracking server unreachable
+
+
+def _read_params(path: str) -> dict[str, Any]:
+    """``params.yaml`` when present; the defaults when the default file is absent (running the
+    registry outside a checkout); an error for any other path that does not exist."""
+    if Path(path).is_file() or path != "params.yaml":
+        return load_params(path)
+    return {}
+
 
 def _configs(args: argparse.Namespace) -> tuple[TrackingConfig, RegistryConfig, dict[str, Any]]:
-    params = load_params(args.params) if Path(args.params).is_file() else {}
+    params = _read_params(args.params)
     tracking = from_dict(TrackingConfig, params.get("tracking"), where=f"{args.params}: tracking")
     registry = from_dict(RegistryConfig, params.get("registry"), where=f"{args.params}: registry")
     return tracking, registry, params
+
+
+def _server_errors_as_one_line(cmd):
+    """A tracking server that is down or failing ends the command with one line naming its URI
+    (after the configured retries), not a traceback from deep inside MLflow."""
+
+    @functools.wraps(cmd)
+    def run(args: argparse.Namespace) -> int:
+        from detailfusion.errors import DetailFusionError
+        from detailfusion.tracking.runs import is_retryable
+
+        try:
+            return cmd(args)
+        except DetailFusionError:
+            raise
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            from detailfusion.registry.lock import RegistryError
+            from detailfusion.tracking.config import resolve_tracking_uri
+
+            uri = resolve_tracking_uri(_configs(args)[0])
+            problem = " ".join(str(exc).split())
+            problem = problem if len(problem) <= 200 else problem[:197] + "..."
+            raise RegistryError(f"tracking server {uri}: unreachable or failing after retries "
+                                f"({type(exc).__name__}: {problem})") from None  # fmt: skip
+
+    return run
 
 
 def _model_name(args: argparse.Namespace, registry: RegistryConfig) -> str:
@@ -29,7 +71,7 @@ def _model_name(args: argparse.Namespace, registry: RegistryConfig) -> str:
         return args.name
     dataset = args.dataset
     if dataset is None:  # the data set the pipeline trains on (params stage2_branches.dataset)
-        params = load_params(args.params) if Path(args.params).is_file() else {}
+        params = _read_params(args.params)
         dataset = (params.get("stage2_branches") or {}).get("dataset", "cirr")
     return registry.name_for(dataset)
 
@@ -85,7 +127,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     decision = promote(_model_name(args, registry), version=args.version, force=args.force, config=registry,
                        client=registry_client(tracking))  # fmt: skip
     _emit(args, decision.to_dict(), decision.format())
-    return 0
+    return EXIT_REFUSED if decision.decision == "refused" else EXIT_OK
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -126,27 +168,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-promote", action="store_true", help="register only, leave @champion alone")
     p.add_argument("--force", action="store_true", help="promote even when the gate refuses (recorded)")
     p.add_argument("--summary", help="also write the JSON summary to this file")
-    p.set_defaults(func=cmd_publish)
+    p.set_defaults(func=_server_errors_as_one_line(cmd_publish))
 
     p = rsub.add_parser("register", help="register an already logged model as the new @challenger")
     p.add_argument("--model", required=True, help="models:/m-<id>, runs:/<run>/<name> or a run id")
     p.add_argument("--dataset", required=True)
     p.add_argument("--metrics", nargs="+", required=True, help="metrics JSON file(s) (must hold registry.metric)")
-    p.set_defaults(func=cmd_register)
+    p.set_defaults(func=_server_errors_as_one_line(cmd_register))
 
     p = rsub.add_parser("promote", help="move @champion to @challenger if it beats the champion by the margin")
     _target(p)
     p.add_argument("--version", help="promote this version instead of @challenger")
     p.add_argument("--force", action="store_true", help="promote even when the gate refuses (recorded)")
-    p.set_defaults(func=cmd_promote)
+    p.set_defaults(func=_server_errors_as_one_line(cmd_promote))
 
     p = rsub.add_parser("rollback", help="restore @previous-champion as @champion")
     _target(p)
-    p.set_defaults(func=cmd_rollback)
+    p.set_defaults(func=_server_errors_as_one_line(cmd_rollback))
 
     p = rsub.add_parser("list", help="versions, aliases and metrics as a table")
     _target(p)
-    p.set_defaults(func=cmd_list)
+    p.set_defaults(func=_server_errors_as_one_line(cmd_list))
 
     for sub in rsub.choices.values():
         sub.add_argument("--json", action="store_true", help="print JSON instead of text")

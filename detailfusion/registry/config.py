@@ -13,7 +13,7 @@ class RegistryConfig:
     # Validation metric the gate compares, as the evaluate stage names it (``Avg``, ``Rsub@1``...).
     metric: str = "Avg"
     greater_is_better: bool = True
-    # The challenger must beat the champion by at least this much (in the metric's units).
+    # The challenger must beat the champion by MORE than this (in the metric's units).
     min_margin: float = 0.0
     # A promotion lock older than this is considered abandoned (its holder crashed) and broken.
     lock_timeout_s: float = 300.0

@@ -239,7 +239,7 @@ class Decision:
             return "n/a" if v is None else f"{v:.4f}"
 
         lines = [
-            f"{self.model_name}: {self.decision.upper()}" + (" (forced)" if self.forced else ""),
+            f"{self.model_name}: {self.decision.upper()}" + (" (forced)" if self.forced and self.promoted else ""),
             f"  metric      {self.metric} ({'higher' if self.greater_is_better else 'lower'} is better, "
             f"min margin {self.min_margin:g})",
             f"  challenger  v{self.challenger_version or '-'}  {val(self.challenger_value)}",
@@ -262,15 +262,14 @@ def _gate(cfg: RegistryConfig, challenger: float | None, champion: float | None,
         return False, f"champion v{ch_ver} has no '{metric}' metric tag; cannot compare (use --force)"
     gain = challenger - champion if cfg.greater_is_better else champion - challenger
     better = "higher" if cfg.greater_is_better else "lower"
-    if gain > 0 and gain >= cfg.min_margin:
+    if gain > cfg.min_margin:
         return True, (
             f"challenger v{c_ver} {metric}={challenger:.4f} beats champion v{ch_ver} {metric}={champion:.4f} "
-            f"by {gain:.4f} >= min_margin {cfg.min_margin:g}"
+            f"by {gain:.4f}, more than min_margin {cfg.min_margin:g}"
         )
     return False, (
         f"challenger v{c_ver} {metric}={challenger:.4f} does not beat champion v{ch_ver} {metric}={champion:.4f} "
-        f"({better} is better) by the required margin: improvement {gain:+.4f}, "
-        f"needs > 0 and >= {cfg.min_margin:g}"
+        f"({better} is better) by more than min_margin {cfg.min_margin:g} (improvement {gain:+.4f})"
     )
 
 
@@ -398,7 +397,9 @@ def rollback(name: str, *, config: RegistryConfig | None = None, client: Any | N
         result = Rollback(name, champion.version if champion else "none", previous.version,
                           older if older_ok else None, _now_iso())  # fmt: skip
         if champion is not None:
-            reg.set_tags(name, champion.version, {"rollback.replaced_by": previous.version,
+            # its promotion no longer stands: `registry list` must not keep showing "promoted"
+            reg.set_tags(name, champion.version, {"promotion.decision": "rolled-back",
+                                                  "rollback.replaced_by": previous.version,
                                                   "rollback.at": result.decided_at})  # fmt: skip
         reg.set_tags(name, previous.version, {"rollback.restored_from": result.rolled_back_version,
                                               "rollback.at": result.decided_at})  # fmt: skip

@@ -17,6 +17,14 @@ class ModelSection:
     variant: str = "full"  # ablation variant (detailfusion.models.list_variants())
     pretrained: str | None = None  # open_clip pretrained tag or local checkpoint; overrides the arch's
 
+    def validate(self) -> None:
+        # checked when params.yaml is read, before any data is touched (a stage that only loads a
+        # saved model would otherwise fail late, after its caching work)
+        from detailfusion.models.variants import list_variants
+
+        if self.variant not in list_variants():
+            raise ValueError(f"variant: {self.variant!r} is unknown; choose from {list_variants()}")
+
 
 @dataclass
 class LoopConfig:
@@ -44,6 +52,16 @@ class LoopConfig:
     def validate(self) -> None:
         if self.max_steps < 0:
             raise ValueError("max_steps must be >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.lr_backbone >= 0:
+            raise ValueError(f"lr_backbone must be >= 0 (0 freezes the backbone), got {self.lr_backbone}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0")
+        if self.max_steps and self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) is longer than the run (max_steps {self.max_steps})")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (in-batch negatives)")
         if self.grad_accum < 1:

@@ -1,0 +1,57 @@
+"""params.yaml loading: YAML 1.2 numbers and values rejected at load time with a clear line."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from detailfusion.config import load_params, load_section
+from detailfusion.errors import ConfigError
+from detailfusion.train.config import ModelSection, Stage1Config, Stage3Config
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_scientific_notation_reads_as_numbers(tmp_path):
+    path = _write(tmp_path, "a: 1e-3\nb: 1E5\nc: .5\nd: 10\ne: '1e-3'\nf: -2e+2\ng: 1.0e-5\n")
+    got = load_params(path)
+    assert got == {"a": 0.001, "b": 100000.0, "c": 0.5, "d": 10, "e": "1e-3", "f": -200.0, "g": 1e-5}
+    assert isinstance(got["d"], int)
+
+
+def test_loop_lr_in_scientific_notation_is_accepted(tmp_path):
+    path = _write(tmp_path, "stage1_detail:\n  loop:\n    lr: 1e-3\n    lr_backbone: 1e-5\n    max_steps: 10\n    warmup_steps: 2\n")
+    cfg = load_section(Stage1Config, path, "stage1_detail")
+    assert cfg.loop.lr == pytest.approx(1e-3) and cfg.loop.lr_backbone == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize(
+    ("loop", "problem"),
+    [
+        ({"lr": -0.001}, "lr must be > 0"),
+        ({"lr": 0}, "lr must be > 0"),
+        ({"lr_backbone": -1e-5}, "lr_backbone must be >= 0"),
+        ({"max_steps": 10, "warmup_steps": 20}, "warmup_steps (20) is longer than the run"),
+    ],
+)
+def test_bad_loop_values_fail_at_load_naming_the_key(tmp_path, loop, problem):
+    path = _write(tmp_path, yaml.safe_dump({"stage3_fusion": {"loop": {"max_steps": 50, "warmup_steps": 5, **loop}}}))
+    with pytest.raises(ConfigError) as err:
+        load_section(Stage3Config, path, "stage3_fusion")
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: stage3_fusion.loop: ") and problem in msg
+
+
+def test_frozen_backbone_lr_zero_is_allowed(tmp_path):
+    path = _write(tmp_path, "stage1_detail:\n  loop:\n    lr_backbone: 0\n")
+    assert load_section(Stage1Config, path, "stage1_detail").loop.lr_backbone == 0
+
+
+def test_misspelt_variant_fails_at_load(tmp_path):
+    path = _write(tmp_path, "model:\n  variant: fulll\n")
+    with pytest.raises(ConfigError, match=r"model: variant: 'fulll' is unknown; choose from \["):
+        load_section(ModelSection, path, "model")
