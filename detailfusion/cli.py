@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_registry_parser(sub)
     add_tracking_parser(sub)
+    from detailfusion.retrieval.cli import add_parser as add_retrieve_parser
+
+    add_retrieve_parser(sub)
 
     p = sub.add_parser("ablations", help="run the ablation suite (method.md) and write metrics/ablations.json")
     p.add_argument("--variants", help="comma-separated (default: all six)")
