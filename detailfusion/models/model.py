@@ -160,16 +160,17 @@ class DetailFusionModel(nn.Module):
         return self.logit_scale * query @ target.t()
 
     # ---------------------------------------------------------------- optimisation
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by module, for per-module learning rates and freezing (absent modules: [])."""
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Named parameters by module (``backbone.visual.ln_pre.weight``, ...), for per-module
+        learning rates, weight-decay rules that go by name, and freezing (absent modules: [])."""
 
-        def params(module: nn.Module | None) -> list[nn.Parameter]:
-            return list(module.parameters()) if module is not None else []
+        def named(prefix: str, module: nn.Module | None) -> list[tuple[str, nn.Parameter]]:
+            return [(f"{prefix}.{n}", p) for n, p in module.named_parameters()] if module is not None else []
 
         return {
-            "backbone": params(self.backbone),
-            "gm": params(self.gm),
-            "di": params(self.di),
-            "afc": params(self.afc),
-            "other": [self.logit_scale_log],
+            "backbone": named("backbone", self.backbone),
+            "gm": named("gm", self.gm),
+            "di": named("di", self.di),
+            "afc": named("afc", self.afc),
+            "other": [("logit_scale_log", self.logit_scale_log)],
         }

@@ -30,22 +30,33 @@ def info_nce(query: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, ext
     return F.cross_entropy(logits.float(), labels)
 
 
-def _no_decay(name: str, p: nn.Parameter) -> bool:
-    return p.ndim < 2 or "embedding" in name or "query_tokens" in name or "logit_scale" in name
+# Learned tokens and embedding tables by name: open_clip's class/positional/token embeddings,
+# the Q-Former's query tokens and embeddings, the compositor's CLS token and segment embedding.
+_NO_DECAY_NAMES = ("embedding", "query_tokens", "cls_token", "segment", "logit_scale")
 
 
-def param_groups(modules: dict[str, tuple[nn.Module | list[nn.Parameter], float]], weight_decay: float) -> list[dict]:
-    """AdamW groups: per-module learning rates; no decay on norms, biases, embeddings, scales."""
+def no_weight_decay(name: str, p: nn.Parameter) -> bool:
+    """AdamW's usual exemptions: norms and biases (1-D), embeddings, learned tokens, scales."""
+    leaf = name.rsplit(".", 1)[-1]
+    return p.ndim < 2 or leaf == "bias" or any(key in name for key in _NO_DECAY_NAMES)
+
+
+def param_groups(modules: dict[str, tuple[list[tuple[str, nn.Parameter]], float]], weight_decay: float) -> list[dict]:
+    """AdamW groups: per-module learning rates; no decay on norms, biases, embeddings, tokens.
+
+    ``modules`` maps a group name to (named parameters, lr); each group records its parameters'
+    names under ``param_names`` so the rules can be checked and logged by name.
+    """
     groups = []
-    for name, (mod, lr) in modules.items():
-        named = list(mod.named_parameters()) if isinstance(mod, nn.Module) else [(f"{name}.{i}", p) for i, p in enumerate(mod)]
+    for group, (named, lr) in modules.items():
         named = [(n, p) for n, p in named if p.requires_grad]
-        decay = [p for n, p in named if not _no_decay(n, p)]
-        nodecay = [p for n, p in named if _no_decay(n, p)]
-        if decay:
-            groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": f"{name}"})
-        if nodecay:
-            groups.append({"params": nodecay, "lr": lr, "weight_decay": 0.0, "name": f"{name}.no_decay"})
+        for suffix, members, wd in (
+            ("", [(n, p) for n, p in named if not no_weight_decay(n, p)], weight_decay),
+            (".no_decay", [(n, p) for n, p in named if no_weight_decay(n, p)], 0.0),
+        ):
+            if members:
+                groups.append({"params": [p for _, p in members], "param_names": [n for n, _ in members],
+                               "lr": lr, "weight_decay": wd, "name": group + suffix})  # fmt: skip
     return groups
 
 
