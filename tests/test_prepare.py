@@ -24,7 +24,7 @@ from PIL import Image
 from detailfusion.cli import main
 from detailfusion.config import load_section
 from detailfusion.data import read_cirr
-from detailfusion.data.images import ImageDecodeError, decode_image, preprocess_bytes, targetpad
+from detailfusion.data.images import NOTES_KEY, ImageDecodeError, decode_image, preprocess_bytes, targetpad
 from detailfusion.data.manifest import PREPARED_IMAGE_COLUMNS, QUERY_COLUMNS
 from detailfusion.data.prepare import PrepareConfig, run_prepare
 from detailfusion.data.prepared import load_prepared
@@ -375,3 +375,105 @@ def test_prepare_decodes_parquet_and_quarantines_null_cells(tmp_path):
         ("corrupt", False),
     ]
     assert "truncated/corrupt" in quarantine[1]["reason"]
+
+
+# --------------------------------------------------------------------------- unusual image modes
+
+
+def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _png_rgb16(arr16: np.ndarray) -> bytes:
+    """A 48-bit RGB PNG written by hand (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    h, w, _ = arr16.shape
+    raw = b"".join(b"\x00" + arr16[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))  # fmt: skip
+
+
+def test_16bit_greyscale_is_scaled_not_saturated():
+    grad = np.linspace(0, 65535, 32 * 32).round().astype(np.uint16).reshape(32, 32)
+    img = decode_image(_encode(Image.fromarray(grad)))
+    assert img.mode == "L" and img.info[NOTES_KEY] == ["16-bit greyscale scaled to 8 bits"]
+    np.testing.assert_array_equal(np.asarray(img), np.rint(grad / 257.0).astype(np.uint8))
+    assert len(np.unique(np.asarray(img))) > 200  # a gradient, not {0, 255}
+    # through the whole prepare path: RGB with three equal channels, many grey levels
+    arr = preprocess_bytes(_encode(Image.fromarray(grad)), 32, 1.0)
+    assert (arr[..., 0] == arr[..., 1]).all() and len(np.unique(arr)) > 200
+
+
+def test_16bit_rgb_keeps_the_high_byte():
+    rgb16 = (np.arange(8 * 8 * 3).reshape(8, 8, 3) * 1000 % 65536).astype(np.uint16)
+    img = decode_image(_png_rgb16(rgb16))
+    assert img.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(img), (rgb16 >> 8).astype(np.uint8))
+
+
+def test_palette_image_decodes_to_its_colours():
+    img = decode_image(_png((10, 10), "P"))
+    assert img.mode == "P" and NOTES_KEY not in img.info
+    rgb = np.asarray(img.convert("RGB"))
+    assert tuple(rgb[0, 0]) == (200, 10, 10) and tuple(rgb[2, 2]) == (15, 16, 17)  # palette[0], palette[5]
+
+
+def test_transparency_is_flattened_onto_white_and_noted():
+    arr = np.zeros((4, 4, 4), np.uint8)
+    arr[..., 0] = 200  # red everywhere...
+    arr[..., 3] = 255
+    arr[0, 0, 3] = 0  # ...one fully transparent pixel
+    arr[0, 1, 3] = 128  # one half transparent
+    img = decode_image(_encode(Image.fromarray(arr, "RGBA")))
+    got = np.asarray(img)
+    assert img.mode == "RGB" and img.info[NOTES_KEY] == ["transparency flattened onto white"]
+    assert tuple(got[0, 0]) == (255, 255, 255) and tuple(got[1, 1]) == (200, 0, 0)
+    assert tuple(got[0, 1]) == (227, 127, 127)  # 50% red over white: 200*128/255 + 255*127/255
+    opaque = decode_image(_encode(Image.fromarray(np.full((4, 4, 4), 255, np.uint8), "RGBA")))
+    assert opaque.mode == "RGB" and NOTES_KEY not in opaque.info
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    pal.info["transparency"] = 1
+    assert tuple(np.asarray(decode_image(_encode(pal, transparency=1)))[0, 0]) == (255, 255, 255)
+
+
+def test_cmyk_and_exif_rotated_jpegs():
+    cmyk = decode_image(_encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG", quality=100))
+    assert cmyk.mode == "RGB" and cmyk.info[NOTES_KEY] == ["CMYK converted to RGB"]
+    r, g, b = np.asarray(cmyk)[4, 4].astype(int)
+    assert r > 240 and g < 15 and b < 15  # pure red
+    # 4 rows x 8 columns, left half black, right half white, stored with "rotate 90 CW to view"
+    arr = np.zeros((4, 8, 3), np.uint8)
+    arr[:, 4:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img = decode_image(_encode(Image.fromarray(arr), "JPEG", quality=100, exif=exif.tobytes()))
+    assert img.size == (4, 8) and img.info[NOTES_KEY] == ["rotated per EXIF orientation 6"]
+    got = np.asarray(img.convert("L")).astype(int)
+    assert got[:3].mean() < 30 and got[-3:].mean() > 225  # the left half ended up on top
+
+
+def test_modes_without_an_8bit_mapping_are_refused():
+    with pytest.raises(ImageDecodeError, match="32-bit float"):
+        decode_image(_encode(Image.fromarray(np.ones((4, 4), np.float32)), "TIFF"))
+
+
+def test_prepare_of_a_subset_leaves_the_other_data_sets_byte_identical(raw, tmp_path):
+    out = tmp_path / "prepared"
+    run_prepare(_cfg(), raw, out, progress=False)
+    before = _tree_digest(out)
+    summary = run_prepare(_cfg(datasets=["ipr2pr"]), raw, out, progress=False)
+    after = _tree_digest(out)
+    for name in ("cirr", "fashioniq"):
+        kept = {k: v for k, v in before.items() if k.startswith(f"{name}/")}
+        assert kept and kept == {k: v for k, v in after.items() if k.startswith(f"{name}/")}
+    assert set(summary["datasets"]) == {"cirr", "fashioniq", "ipr2pr"}
+    assert load_prepared(out, "cirr").pixels.shape[0] > 0 and _siblings(out) == []

@@ -8,6 +8,13 @@ The transform reproduces CLIP4Cir's ``targetpad`` exactly (``datasets.md`` 5.1):
 target ratio in the image's own mode, resize the shorter side with BICUBIC, centre-crop, and
 only then convert to RGB. Normalisation belongs to the model and is not applied here.
 
+Every decoded image is brought to 8-bit greyscale or RGB before that (:func:`to_8bit`), so
+nothing is silently saturated: 16-bit greyscale is scaled (``v / 257``), 16-bit RGB keeps its high
+byte (Pillow's own reduction), transparency is composited onto white, CMYK and other colour
+spaces are converted, EXIF orientation is applied; each such change is recorded as a note in
+``img.info["detailfusion.notes"]`` (``prepare`` counts them in its summary). Modes without a
+defined 8-bit mapping (32-bit float, integers beyond 16 bits) are refused with the reason.
+
 Decompression bombs have an explicit policy: an image whose header announces more than
 ``max_image_pixels`` pixels is refused before its pixel data is decoded.
 """
@@ -80,6 +87,58 @@ def decode_image(
                 ) from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous
+    return to_8bit(img, source=source)
+
+
+NOTES_KEY = "detailfusion.notes"
+_WHITE = (255, 255, 255, 255)
+
+
+def to_8bit(img: Image.Image, *, source: str | None = None) -> Image.Image:
+    """A loaded image in any mode -> mode ``1``, ``L`` or ``RGB`` with 8-bit values (see module doc).
+
+    What was changed is appended to ``img.info[NOTES_KEY]``; an image that has no faithful 8-bit
+    form raises :class:`ImageDecodeError` with the reason.
+    """
+    notes: list[str] = []
+    orientation = img.getexif().get(0x0112, 1)
+    if orientation not in (None, 1):
+        img = ImageOps.exif_transpose(img)
+        notes.append(f"rotated per EXIF orientation {orientation}")
+    mode = img.mode
+    if mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N (16-bit) and I (32-bit signed)
+        arr = np.asarray(img)
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise ImageDecodeError(
+                f"unsupported image: {mode} values in [{lo}, {hi}] have no defined 8-bit mapping", source
+            )
+        img = Image.fromarray(np.rint(arr.astype(np.float64) / 257.0).astype(np.uint8), "L")
+        notes.append("16-bit greyscale scaled to 8 bits")
+    elif mode == "F":
+        raise ImageDecodeError("unsupported image: 32-bit float pixels have no defined 8-bit mapping", source)
+    elif mode == "PA" or (mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+    elif mode == "P":
+        pass  # 8-bit palette: kept, so targetpad pads with palette index 0 exactly as CLIP4Cir does
+    elif mode == "CMYK":
+        img = img.convert("RGB")
+        notes.append("CMYK converted to RGB")
+    elif mode not in ("1", "L", "RGB", "RGBA", "LA", "La", "RGBa", "P"):
+        try:
+            img = img.convert("RGB")
+        except (ValueError, OSError) as exc:
+            raise ImageDecodeError(f"unsupported image mode {mode}: {exc}", source) from None
+        notes.append(f"{mode} converted to RGB")
+    if img.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] == 255:
+            img = rgba.convert("RGB")  # an alpha channel without transparency: nothing to flatten
+        else:
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+            notes.append("transparency flattened onto white")
+    if notes:
+        img.info[NOTES_KEY] = notes
     return img
 
 

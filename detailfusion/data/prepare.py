@@ -39,6 +39,7 @@ from tqdm import tqdm
 from detailfusion.data import get_reader
 from detailfusion.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
+    NOTES_KEY,
     ImageDecodeError,
     decode_image,
     preprocess_image,
@@ -128,6 +129,7 @@ def run_prepare(
             },
             "warnings": [f"{name}: {w}" for name, s in per_dataset.items() for w in s["warnings"]],
         }
+        _keep_other_datasets(out, tmp, cfg, summary)
         _write_json(tmp / "summary.json", summary)
         _swap_in(tmp, out)
     except BaseException:
@@ -185,6 +187,8 @@ def prepare_dataset(
     warnings = list(ds.warnings)
     if unique and found_unique == 0 and not any(w.startswith("images absent") for w in warnings):
         warnings.append(f"images absent: all {len(unique)} image files missing; every image quarantined")
+    for note, n in _conversion_counts(results).items():
+        warnings.append(f"{n} image(s) decoded with a conversion: {note} (see summary.json 'converted')")
     for w in warnings:
         log.warning("%s: %s", ds.name, w)
     summary = {
@@ -199,6 +203,7 @@ def prepare_dataset(
             MISSING: sum(1 for q in quarantine if q["status"] == MISSING),
             CORRUPT: sum(1 for q in quarantine if q["status"] == CORRUPT),
         },
+        "converted": _conversion_counts(results),
         "splits": breakdown(ds.queries, images, status != MISSING, status == OK),
         "warnings": warnings,
     }
@@ -207,6 +212,16 @@ def prepare_dataset(
 
 
 # --------------------------------------------------------------------------- decoding
+
+
+def _conversion_counts(results: dict) -> dict[str, int]:
+    """How many decoded images needed each kind of conversion to 8-bit RGB (notes of OK images)."""
+    counts: dict[str, int] = {}
+    for status, notes, *_ in results.values():
+        if status == OK and notes:
+            for note in notes.split("; "):
+                counts[note] = counts.get(note, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _decode_all(ds: NativeDataset, unique: list[str], cfg: PrepareConfig) -> Generator[tuple, None, None]:
@@ -267,10 +282,11 @@ def decode_task(
     try:
         img = decode_image(data, max_image_pixels=max_image_pixels)
         w, h = img.size
+        notes = "; ".join(img.info.get(NOTES_KEY, ()))
         arr = preprocess_image(img, size, target_ratio)
     except ImageDecodeError as exc:
         return CORRUPT, exc.reason, None, None, None
-    return OK, "", w, h, arr
+    return OK, notes, w, h, arr  # for an OK image the reason field holds its conversion notes
 
 
 # --------------------------------------------------------------------------- outputs
@@ -336,6 +352,38 @@ def _shrink_npy(path: Path, header_len: int, shape: tuple[int, ...]) -> None:
     with open(path, "r+b") as fh:
         fh.write(_npy_header(shape, header_len))
         fh.truncate(header_len + int(np.prod(shape)))
+
+
+def _keep_other_datasets(out: Path, tmp: Path, cfg: PrepareConfig, summary: dict[str, Any]) -> None:
+    """Carry the data sets this run did not prepare (e.g. ``datasets: [ipr2pr]`` into a folder that
+    holds cirr/ and fashioniq/) over into the new folder unchanged (hard links: byte-identical,
+    no copy), with their entries of the old ``summary.json``; the swap then replaces only what
+    this run made."""
+    if not out.is_dir():
+        return
+    try:
+        old_summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old_summary = {}
+    old_entries = old_summary.get("datasets", {}) if isinstance(old_summary, dict) else {}
+    for name in DATASETS:
+        if name in cfg.datasets or not (out / name).is_dir():
+            continue
+        shutil.copytree(out / name, tmp / name, copy_function=_link_or_copy)
+        summary["datasets"][name] = old_entries.get(name, {"kept_from_previous_run": True})
+        if (old_summary.get("image_size"), old_summary.get("target_ratio")) != (cfg.image_size, cfg.target_ratio):
+            summary["warnings"].append(
+                f"{name}: kept from the previous run, prepared with image_size {old_summary.get('image_size')} / "
+                f"target_ratio {old_summary.get('target_ratio')}, not this run's {cfg.image_size} / {cfg.target_ratio}"
+            )
+    summary["datasets"] = {k: summary["datasets"][k] for k in DATASETS if k in summary["datasets"]}
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
