@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -477,3 +478,21 @@ def test_prepare_of_a_subset_leaves_the_other_data_sets_byte_identical(raw, tmp_
         assert kept and kept == {k: v for k, v in after.items() if k.startswith(f"{name}/")}
     assert set(summary["datasets"]) == {"cirr", "fashioniq", "ipr2pr"}
     assert load_prepared(out, "cirr").pixels.shape[0] > 0 and _siblings(out) == []
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_broken_symlinks_are_quarantined_with_the_missing_warning(tmp_path, kind, caplog):
+    root = tmp_path / "raw"
+    write_cirr(root / "cirr")
+    victim = sorted((root / "cirr").rglob("*.png"))[0]
+    victim.unlink()
+    os.symlink(tmp_path / "nowhere.png" if kind == "dangling" else victim, victim)
+    summary = run_prepare(_cfg(datasets=["cirr"]), root, tmp_path / "out", progress=False)
+    assert any("1 of" in w and "gallery images missing" in w for w in summary["warnings"])
+    (entry,) = json.loads((tmp_path / "out" / "cirr" / "quarantine.json").read_text())
+    expected = "is a broken symbolic link" if kind == "dangling" else "Too many levels of symbolic links"
+    assert entry["path"].endswith(victim.name) and expected in entry["reason"]
+    # `data stats` reads the same tree without a traceback
+    from detailfusion.data import get_reader
+
+    assert len(get_reader("cirr")(root / "cirr").images) > 0

@@ -184,7 +184,7 @@ class DirIndex:
         if listing is None:
             try:
                 with os.scandir(key) as it:
-                    listing = frozenset(e.name for e in it if e.is_file())
+                    listing = frozenset(e.name for e in it if _entry_is_file(e))
             except (FileNotFoundError, NotADirectoryError, PermissionError):
                 listing = frozenset()
             self._listing[key] = listing
@@ -195,6 +195,15 @@ class DirIndex:
         return name in self.names(folder or ".")
 
 
+def _entry_is_file(entry: os.DirEntry) -> bool:
+    """``entry.is_file()`` that says False for a symlink loop instead of raising ELOOP (a dangling
+    link is already False): neither is an image that can be read."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
 def basename_index(base: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> dict[str, Path]:
     """Map file name -> path for every image file below ``base`` (first in sorted walk order wins)."""
     index: dict[str, Path] = {}
@@ -203,7 +212,8 @@ def basename_index(base: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> di
     for dirpath, dirnames, filenames in os.walk(base):
         dirnames.sort()
         for name in sorted(filenames):
-            if name.lower().endswith(suffixes):
+            # os.path.isfile follows links: dangling links and link loops are not images
+            if name.lower().endswith(suffixes) and os.path.isfile(os.path.join(dirpath, name)):
                 index.setdefault(name, Path(dirpath) / name)
     return index
 

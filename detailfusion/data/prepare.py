@@ -214,6 +214,12 @@ def prepare_dataset(
 # --------------------------------------------------------------------------- decoding
 
 
+def _missing_reason(file: str | os.PathLike, path: str) -> str:
+    if os.path.islink(file):
+        return f"file not found: {path} is a broken symbolic link (-> {os.readlink(file)})"
+    return f"file not found: {path}"
+
+
 def _conversion_counts(results: dict) -> dict[str, int]:
     """How many decoded images needed each kind of conversion to 8-bit RGB (notes of OK images)."""
     counts: dict[str, int] = {}
@@ -275,7 +281,7 @@ def decode_task(
             with open(file, "rb") as fh:
                 data = fh.read()
         except (FileNotFoundError, IsADirectoryError):
-            return MISSING, f"file not found: {path}", None, None, None
+            return MISSING, _missing_reason(file, path), None, None, None
         except OSError as exc:
             return CORRUPT, f"unreadable file: {type(exc).__name__}: {exc}", None, None, None
     assert data is not None
