@@ -59,7 +59,7 @@ def _split_queries(prepared, split: str, category: str | None = None):
     if category is not None:
         q = q[q["category"] == category]
     if q.empty:
-        raise DetailFusionError(f"{prepared.root}: no queries in split '{split}'" + (f" ({category})" if category else ""))
+        raise DetailFusionError(f"{prepared.path}: no queries in split '{split}'" + (f" ({category})" if category else ""))
     return q.reset_index(drop=True)
 
 

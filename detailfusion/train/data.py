@@ -59,9 +59,9 @@ def build_triplets(prepared, split: str) -> Triplets:
     queries = prepared.queries
     queries = queries[queries["split"] == split]
     if queries.empty:
-        raise DataFormatError(prepared.root, f"no queries in split '{split}'")
+        raise DataFormatError(prepared.path, f"no queries in split '{split}'")
     if queries["target"].isna().any():
-        raise DataFormatError(prepared.root, f"split '{split}' has queries without targets; cannot train on it")
+        raise DataFormatError(prepared.path, f"split '{split}' has queries without targets; cannot train on it")
     lookup = _pixel_lookup(prepared.images, split)
     n_members = 4
     ref, tgt, negs, keep = [], [], [], []
@@ -84,9 +84,9 @@ def build_triplets(prepared, split: str) -> Triplets:
     kept = queries.iloc[keep]
     dropped = len(queries) - len(kept)
     if dropped:
-        log.warning("%s/%s: %d queries dropped (quarantined images)", prepared.root, split, dropped)
+        log.warning("%s/%s: %d queries dropped (quarantined images)", prepared.path, split, dropped)
     if kept.empty:
-        raise DataFormatError(prepared.root, f"split '{split}': no query has both images decodable")
+        raise DataFormatError(prepared.path, f"split '{split}': no query has both images decodable")
     return Triplets(
         query_ids=kept["query_id"].tolist(),
         ref=np.asarray(ref, dtype=np.int64),
