@@ -32,7 +32,12 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         endpoint_url=args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None, seed=args.seed,
     )
     if args.engine == "ray":
-        from detailfusion.retrieval.ray_engine import run_retrieval_ray
+        try:
+            from detailfusion.retrieval.ray_engine import run_retrieval_ray
+        except ImportError as exc:
+            from detailfusion.errors import DetailFusionError
+
+            raise DetailFusionError(f"--engine ray is not available here: {exc}") from None
 
         summary = run_retrieval_ray(cfg, tracking=tracking, registry=registry, params=params,
                                     progress=not args.quiet)

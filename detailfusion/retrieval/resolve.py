@@ -73,6 +73,8 @@ def _load(folder: Path, uri: str, **info: Any) -> ResolvedModel:
 
 def resolve_model(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
     """Load the model ``uri`` names; :class:`ModelNotFound` with one clear line when it cannot."""
+    if uri.startswith(("models:/", "runs:/")):
+        return _resolve_mlflow(uri, tracking_uri)
     if "://" not in uri or uri.startswith("file://"):
         path = Path(uri.removeprefix("file://"))
         if not path.exists():
@@ -81,9 +83,7 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
         if folder is None:
             raise ModelNotFound(f"{uri}: not a saved model ({CONFIG_FILE} + {WEIGHTS_FILE}) nor a logged MLflow model")
         return _load(folder, uri, name=path.name)
-    if not uri.startswith(("models:/", "runs:/")):
-        raise ModelNotFound(f"{uri}: give a models:/ or runs:/ URI or a local model folder")
-    return _resolve_mlflow(uri, tracking_uri)
+    raise ModelNotFound(f"{uri}: give a models:/ or runs:/ URI or a local model folder")
 
 
 def _registry_info(client: Any, uri: str) -> dict[str, Any]:

@@ -60,7 +60,6 @@ def filesystem(uri: str | Path, endpoint: str | None = None):
         options = {
             "client_kwargs": {"endpoint_url": url} if url else {},
             "config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}},
-            "retries": 1,
             "skip_instance_cache": True,
         }
     return fsspec.filesystem(protocol, **options), path
