@@ -218,18 +218,27 @@ def up(home: Path | str | None = None, services: list[str] | None = None, *, set
     with st.locked():
         st.settings.update(settings or {})
         order = st.configure(list(services or svc.SERVICES))
-        for phase in PHASES:
-            names = [p for s in phase if s in order for p in svc.PROCS[s]]
-            if "workers" in phase and "workers" in order and not all(proc.alive(st.info(p)) for p in names):
-                svc.pools_setup(st)
-            for name in names:
+        stores = [p for s in ("postgres", "s3") if s in order for p in svc.PROCS[s]]
+        for name in stores:
+            st.start(name)
+        for name in stores:
+            st.wait_ready(name, timeout_s)
+        if "postgres" in order:
+            svc.postgres_setup(st)
+        if "s3" in order:
+            svc.s3_setup(st)
+        servers = [s for s in ("mlflow", "prefect") if s in order]
+        for name in servers:
+            st.start(name)
+        workers = svc.PROCS["workers"] if "workers" in order else []
+        if workers:  # the workers need only the Prefect server: start them while MLflow comes up
+            st.wait_ready("prefect", timeout_s)
+            for name in workers:
                 st.start(name)
-            for name in names:
-                st.wait_ready(name, timeout_s)
-            if "postgres" in names:
-                svc.postgres_setup(st)
-            if "s3" in names:
-                svc.s3_setup(st)
+        for name in servers + workers:
+            st.wait_ready(name, timeout_s)
+        if workers:
+            svc.pools_setup(st)
         st.write_env()
     return status(st.home)
 
@@ -242,7 +251,7 @@ def stop_service(home: Path | str | None, name: str) -> None:
 
 
 def down(home: Path | str | None = None, *, purge: bool = False) -> None:
-    """Stop every process of the stack; ``purge`` also deletes the home and the PostgreSQL data."""
+    """Stop every process of the stack; ``purge`` also deletes its data and state (not the logs)."""
     st = Stack(home)
     if not st.home.exists():
         return
@@ -250,10 +259,16 @@ def down(home: Path | str | None = None, *, purge: bool = False) -> None:
         for phase in reversed(PHASES):
             st.stop(*st.procs(list(phase)))
         proc.kill_strays(st.home)
-    if purge:
+    if purge:  # everything but the logs
         if st.settings.get("pg_dir"):
             shutil.rmtree(st.settings["pg_dir"], ignore_errors=True)
-        shutil.rmtree(st.home, ignore_errors=True)
+        for path in st.home.iterdir():
+            if path.name == "logs":
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def read_env(home: Path | str | None = None) -> dict[str, str]:
@@ -314,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="stack home (default: <repo>/.stack)")
     ap.add_argument("--services", help=f"comma-separated subset of {','.join(svc.SERVICES)} (up only)")
     ap.add_argument("--json", action="store_true", help="status as JSON")
-    ap.add_argument("--purge", action="store_true", help="down: also delete the stack's data")
+    ap.add_argument("--purge", action="store_true", help="down: also delete the stack's data (logs stay)")
     args = ap.parse_args(argv)
     try:
         if args.command == "up":
@@ -322,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             report = up(args.home, services)
         elif args.command == "down":
             down(args.home, purge=args.purge)
-            print(f"stack in {Path(args.home).resolve()} stopped" + (" and deleted" if args.purge else ""))
+            print(f"stack in {Path(args.home).resolve()} stopped" + (", its data deleted" if args.purge else ""))
             return 0
         else:
             report = status(args.home)

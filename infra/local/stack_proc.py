@@ -20,6 +20,7 @@ from pathlib import Path
 
 HOME_VAR = "DETAILFUSION_STACK_HOME"
 _CHILDREN: dict[int, subprocess.Popen] = {}  # started by this Python process: reaped on poll
+_EXIT_CODES: dict[int, int] = {}  # their exit codes once reaped
 
 
 class StackError(RuntimeError):
@@ -46,7 +47,7 @@ def _start_time(pid: int) -> int | None:
 def _reap(pid: int) -> None:
     proc = _CHILDREN.get(pid)
     if proc is not None and proc.poll() is not None:
-        _CHILDREN.pop(pid, None)
+        _EXIT_CODES[pid] = _CHILDREN.pop(pid).returncode
 
 
 def read_pidfile(path: Path) -> dict | None:
@@ -111,8 +112,10 @@ def spawn(name: str, cmd: list[str], log: Path, pidfile: Path, env: dict[str, st
 
 
 def exit_code(info: dict) -> str:
-    proc = _CHILDREN.get(info["pid"])
-    return str(proc.returncode) if proc is not None and proc.returncode is not None else "?"
+    """The exit code of a process this Python started ("?" for one started by another command)."""
+    _reap(info["pid"])
+    code = _EXIT_CODES.get(info["pid"])
+    return "?" if code is None else str(code)
 
 
 def stop(info: dict | None, pidfile: Path | None = None, first: signal.Signals = signal.SIGTERM,

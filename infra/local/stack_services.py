@@ -261,17 +261,18 @@ def _api(st, method: str, path: str, body: dict | None = None):
 
 
 def pools_setup(st) -> None:
-    """Create (or correct) the process work pools ``cpu`` and ``gpu`` in a separate Python (Prefect
-    reads its settings from the environment once)."""
-    script = Path(__file__).with_name("stack_pools.py")
-    env = st.env(include_marker=True)
-    res = subprocess.run([sys.executable, str(script), json.dumps(POOLS)], env=env, capture_output=True, text=True,
-                         timeout=180, check=False)  # fmt: skip
-    with open(st.log("prefect"), "a") as log:
-        log.write(f"\n=== work pools: {res.stdout}{res.stderr}")
-    if res.returncode != 0:
-        raise StackError(f"prefect: creating the work pools failed; see {st.log('prefect')}", "prefect",
-                         st.log("prefect"))  # fmt: skip
+    """Give the work pools their concurrency limits (each worker creates its pool, of type
+    ``process``, when it first starts)."""
+    for pool, limit in POOLS.items():
+        info = pool_info(st, pool)
+        if info is None:
+            raise StackError(f"prefect: work pool {pool} not found after its worker started; see "
+                             f"{st.log('worker-' + pool)}", "prefect", st.log("worker-" + pool))  # fmt: skip
+        if info.get("type") != "process":
+            raise StackError(f"prefect: work pool {pool} exists with type {info.get('type')!r}, expected 'process'; "
+                             f"delete it (prefect work-pool delete {pool}) or use another stack home", "prefect")  # fmt: skip
+        if info.get("concurrency_limit") != limit:
+            _api(st, "PATCH", f"/work_pools/{pool}", {"concurrency_limit": limit})
 
 
 def worker_name(proc: str) -> str:
