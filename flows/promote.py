@@ -22,6 +22,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
+from detailfusion.tracking.runs import mlflow_key
 from flows.tasks import (
     NETWORK_RETRY,
     checkout,
@@ -63,6 +64,7 @@ def comparison(rows: list[dict[str, Any]], version: str | None, metric: str) -> 
     challenger = next((r for r in rows if str(r["version"]) == str(version)), None) if version else \
         by_alias.get("challenger")  # fmt: skip
     champion = by_alias.get("champion")
+    metric = mlflow_key(metric)  # the registry's metric tags use MLflow-safe names (Rsub@1 -> Rsub_at_1)
     names = sorted({k for r in (challenger, champion) if r for k in r["metrics"]}, key=lambda k: (k != metric, k))
     def cell(row: dict | None, key: str) -> str:
         return "-" if not row or key not in row["metrics"] else f"{row['metrics'][key]:.4f}"
@@ -116,3 +118,28 @@ def promote(
     emit_promoted(decision, source="promote flow")
     shutil.rmtree(Path(workdir).parent, ignore_errors=True)
     return decision
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.promote {approve,reject} <flow-run-id> [--force] [--comment TEXT]``: answer a
+    paused promote run from a shell (Prefect 3 has no ``prefect flow-run resume``; the UI's
+    Resume button shows the same form)."""
+    import argparse
+    from uuid import UUID
+
+    from prefect.flow_runs import resume_flow_run
+
+    parser = argparse.ArgumentParser(prog="python -m flows.promote", description=main.__doc__.splitlines()[0])
+    parser.add_argument("answer", choices=["approve", "reject"])
+    parser.add_argument("flow_run_id", type=UUID)
+    parser.add_argument("--force", action="store_true", help="promote even if the metric gate refuses")
+    parser.add_argument("--comment", default="")
+    args = parser.parse_args(argv)
+    answer = {"approve": args.answer == "approve", "force": args.force, "comment": args.comment}
+    resume_flow_run(args.flow_run_id, run_input=answer)
+    print(f"resumed promote flow run {args.flow_run_id} with {answer}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

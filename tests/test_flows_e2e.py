@@ -297,3 +297,55 @@ def test_ablations_one_variant_fails_others_complete(stack, overrides, pipeline_
     assert {"stage1_detail", "stage2_branches", "stage3_fusion", "evaluate"} <= stages, stages
     # ablations never move @champion
     assert client.get_model_version_by_alias("detailfusion-cirr", "champion").version == champion_before
+
+
+def _challenger(stack: Stack, client, avg: float) -> str:
+    """Register the champion's logged model again with the given Avg: a new @challenger version."""
+    source = client.get_model_version_by_alias("detailfusion-cirr", "champion").source
+    metrics = stack.work / f"metrics-{avg}.json"
+    metrics.write_text(json.dumps({"Avg": avg}))
+    out = _run(["detailfusion", "registry", "register", "--model", source, "--dataset", "cirr", "--metrics",
+                str(metrics), "--json"], stack.origin, stack.env).stdout  # fmt: skip
+    return str(json.loads(out[out.index("{") :])["version"])
+
+
+def _paused(stack: Stack, run_id: str, timeout: float = 600) -> str:
+    """Wait until the run pauses for input; its input form's description."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = stack.flow_run(run_id)
+        assert run["state_type"] not in TERMINAL, stack.logs([run_id])[-3000:]
+        keyset = (run["state"].get("state_details") or {}).get("run_input_keyset") if run["state_type"] == "PAUSED" \
+            else None  # fmt: skip
+        if keyset:
+            r = httpx.get(f"{stack.api}/flow_runs/{run_id}/input/{keyset['description']}", timeout=30)
+            r.raise_for_status()
+            return r.json()
+        time.sleep(3)
+    raise AssertionError(f"flow run {run_id} did not pause within {timeout}s")
+
+
+def test_promotion_waits_for_approval(stack, pipeline_run):
+    client = stack.mlflow()
+    champion = client.get_model_version_by_alias("detailfusion-cirr", "champion").version
+    resume = [sys.executable, "-m", "flows.promote"]
+
+    # rejected: the champion stays
+    weak = _challenger(stack, client, avg=1.0)
+    run_id = stack.start("promote/approval", {"dataset": "cirr"})
+    description = _paused(stack, run_id)
+    assert f"challenger v{weak}" in description and f"champion v{champion}" in description
+    assert "| **Avg** (gate) | 1.0000 |" in description, description
+    _run([*resume, "reject", run_id], REPO_ROOT, stack.env)
+    assert stack.wait(run_id)["state_type"] == "COMPLETED"
+    assert client.get_model_version_by_alias("detailfusion-cirr", "champion").version == champion
+
+    # approved and better: promoted, and the promotion event names the new version
+    strong = _challenger(stack, client, avg=1000.0)
+    run_id = stack.start("promote/approval", {"dataset": "cirr"})
+    assert f"challenger v{strong}" in _paused(stack, run_id)
+    _run([*resume, "approve", run_id, "--comment", "test"], REPO_ROOT, stack.env)
+    assert stack.wait(run_id)["state_type"] == "COMPLETED", stack.logs([run_id])[-3000:]
+    assert client.get_model_version_by_alias("detailfusion-cirr", "champion").version == strong
+    events = stack.post("/events/filter", {"filter": {"event": {"name": ["detailfusion.champion.promoted"]}}})
+    assert any(e["payload"].get("version") == strong for e in events["events"])
