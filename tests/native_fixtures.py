@@ -1,7 +1,7 @@
 """Small hand-made data sets in the exact native formats of CIRR, FashionIQ and IPr2Pr, for tests.
 
 Each ``write_*`` function writes one data set below ``root`` (real PNG/JPEG files included) and
-returns the folder a reader takes. Every quirk of the real files that ``datasets.md`` lists is
+returns the folder a reader takes. Every quirk of the real files that ``docs/data-formats.md`` lists is
 present, so tests of readers, prepare, validation and evaluation exercise them:
 
 * CIRR: train paths in ``./train/<k>/`` sub-folders, val images named ``dev-*``, ``test1`` records

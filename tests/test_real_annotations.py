@@ -2,7 +2,7 @@
 
 The files live outside the repository (``../shared/real-annotations`` relative to the repo
 root) and are never copied into it; every test skips when they are absent. The expected numbers
-are the published counts (``datasets.md`` sections 1.2-1.3 and 2.4).
+are the published counts (``docs/data-formats.md``, "Real annotation counts").
 """
 
 from __future__ import annotations

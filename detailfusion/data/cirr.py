@@ -1,6 +1,6 @@
 """Reader for CIRR (rc2) in its published layout, into the canonical manifests.
 
-Layouts understood (``datasets.md`` 1.1):
+Layouts understood (``docs/data-formats.md``, "CIRR (version rc2)"):
 
 * official: ``root/{captions,image_splits}`` with images under ``root/img_raw/{train/<k>,dev,test1}``
   or directly under ``root/{train/<k>,dev,test1}``;

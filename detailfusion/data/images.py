@@ -4,9 +4,9 @@
 :func:`targetpad` output in ``pixels.npy``; model serving turns raw request bytes into the same
 arrays with :func:`preprocess_bytes`, so training, evaluation and serving see identical pixels.
 
-The transform reproduces CLIP4Cir's ``targetpad`` exactly (``datasets.md`` 5.1): pad to the
-target ratio in the image's own mode, resize the shorter side with BICUBIC, centre-crop, and
-only then convert to RGB. Normalisation belongs to the model and is not applied here.
+The transform reproduces CLIP4Cir's ``targetpad`` exactly (``docs/data-formats.md``, "Decoding and
+targetpad"): pad to the target ratio in the image's own mode, resize the shorter side with BICUBIC,
+centre-crop, and only then convert to RGB. Normalisation belongs to the model and is not applied here.
 
 Every decoded image is brought to 8-bit greyscale or RGB before that (:func:`to_8bit`), so
 nothing is silently saturated: 16-bit greyscale is scaled (``v / 257``), 16-bit RGB keeps its high

@@ -1,6 +1,6 @@
 """Reader for InstructPix2Pix (IPr2Pr) edit triplets, into the canonical manifests.
 
-Two layouts are detected automatically (``datasets.md`` 3.1-3.2):
+Two layouts are detected automatically (``docs/data-formats.md``, "InstructPix2Pix (IPr2Pr)"):
 
 * Hugging Face parquet shards (``root/data/*.parquet`` or ``root/*.parquet``) with image columns
   of type ``struct<bytes, path>`` (or plain binary). Column names differ between variants (the

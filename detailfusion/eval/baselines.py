@@ -2,8 +2,8 @@
 
 * :func:`pixel_reference_baseline`: the query is the reference image's raw pixels, the gallery its
   raw pixels, both centred on the gallery mean and L2-normalised. It measures how much of a
-  benchmark "nearest image to the reference" already solves (``calibration.md`` sections 1 and 6:
-  a benchmark whose negatives leak the answer scores high here).
+  benchmark "nearest image to the reference" already solves (``docs/synthetic-benchmark.md``,
+  lessons 1 and 3: a benchmark whose negatives leak the answer scores high here).
 * :func:`reference_only_queries`: the query is the reference's own image embedding, looked up
   in the gallery features by name (the caption is ignored).
 * :func:`text_only_queries`: the query is the caption embedding alone (the reference is ignored);

@@ -1,6 +1,6 @@
 """Leaderboard retrieval metrics for CIRR and FashionIQ, computed from features and image names.
 
-The definitions reproduce CLIP4Cir/SPRC exactly (``datasets.md`` section 4):
+The definitions reproduce CLIP4Cir/SPRC exactly (``docs/data-formats.md``, "Metrics"):
 
 * CIRR: rank the whole split gallery by cosine similarity, remove the query's reference image,
   Recall@{1,5,10,50} on the hard target; Recall_subset@{1,2,3} on the same global order restricted

@@ -1,6 +1,6 @@
 """CIRR test-server submission files: write them, read them back, and score them on a labelled split.
 
-The server takes two flat JSON dicts (``datasets.md`` section 1.5)::
+The server takes two flat JSON dicts (``docs/data-formats.md``, "CIRR test-server submission files")::
 
     {"version": "rc2", "metric": "recall",        "<pairid>": [50 names, best first], ...}
     {"version": "rc2", "metric": "recall_subset", "<pairid>": [3 names, best first], ...}

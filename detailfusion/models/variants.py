@@ -1,4 +1,4 @@
-"""The model variants: the full DetailFusion model and the ablations of ``method.md``.
+"""The model variants: the full DetailFusion model and the ablations of ``docs/method.md``.
 
 A variant decides which branches are built, how they are fused and which training stages run;
 the architecture config (sizes) is orthogonal to it, so every variant works with every config.

@@ -2,8 +2,8 @@
 
 ``generate(cfg, out)`` draws object scenes and garments with Pillow and writes them exactly as
 the real data sets lie on disk, so the same readers, validation, metrics and submission writers
-run on synthetic and real data. See ``docs/DESIGN.md`` ("The embedded default") and
-``docs/calibration.md`` for the design, and the per-module docstrings for the details.
+run on synthetic and real data. See ``docs/synthetic-benchmark.md`` for the design,
+its reasons and its known biases, and the per-module docstrings for the details.
 """
 
 from detailfusion.data.synthetic.config import CirrSynthConfig, FiqSynthConfig, Ipr2prSynthConfig, SynthConfig

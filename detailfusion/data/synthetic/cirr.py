@@ -1,13 +1,13 @@
 """CIRR-format composed queries with counterfactual 6-image sets.
 
 A set is a reference scene plus 5 variants, **each made from the reference** with its own
-edit(s) (calibration.md, v2 "counterfactual" negatives): mostly the set's primary edit type on
-another object or with another value, sometimes a random edit. ``queries_per_set`` variants
-are query targets, each with the caption of its own edit(s); the other variants are
+edit(s) (counterfactual negatives, ``docs/synthetic-benchmark.md``): mostly the set's primary
+edit type on another object or with another value, sometimes a random edit. ``queries_per_set``
+variants are query targets, each with the caption of its own edit(s); the other variants are
 distractors. For a 2-edit query the partial target (the first edit only) is always a member,
 and a spare slot may hold the same first edit with another second edit. No member is made by
-perturbing a target, so the reference alone does not single out the target (calibration
-pitfall 1).
+perturbing a target, so the reference alone does not single out the target
+(``docs/synthetic-benchmark.md``, "what calibration taught", lesson 1).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ JITTER = 2  # objects sit in their cell with +-2 units (1 unit = image_size/64 p
 GLOBAL_EDITS = ("background", "style", "recolour_all")
 DETAIL_EDITS = ("colour", "shape", "size", "position", "pattern", "add", "remove")
 EDIT_TYPES = DETAIL_EDITS + GLOBAL_EDITS
-# Background edits are trivially easy (calibration.md pitfall 3), so global edits are kept a
+# Background edits are trivially easy (docs/synthetic-benchmark.md, lesson 4), so global edits are kept a
 # minority (about 19% of first edits) while still frequent enough to be learned.
 EDIT_WEIGHTS = {
     "colour": 1.0, "shape": 1.0, "size": 1.0, "position": 1.0, "pattern": 1.0, "add": 1.0, "remove": 1.0,
