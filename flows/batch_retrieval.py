@@ -32,6 +32,7 @@ from flows.tasks import (
     dvc_pull,
     exp_apply,
     exp_pull,
+    last_json,
     repo_url_or_default,
     run_command,
     run_workdir,
@@ -114,7 +115,7 @@ def batch_retrieval(
             "--index", index, *(extra_args or [])]  # fmt: skip
     stdout = run_command(args, cwd=workdir, env=tool_env(workdir, **{FLOW_RUN_ENV: str(flow_run.id)}),
                          what="detailfusion retrieve", echo=False)  # fmt: skip
-    summary = json.loads(stdout[stdout.index("{") :])
+    summary = last_json(stdout, "detailfusion retrieve")
     logger.info("batch retrieval of %s v%s -> %s:\n%s", name, mv["version"], out, json.dumps(summary, indent=2,
                                                                                            default=str)[:4000])
     shutil.rmtree(Path(workdir).parent, ignore_errors=True)

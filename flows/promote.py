@@ -11,7 +11,6 @@ applies the gate from ``params.yaml`` (metric, margin) at ``revision``. A promot
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from flows.tasks import (
     NETWORK_RETRY,
     checkout,
     emit_promoted,
+    last_json,
     repo_url_or_default,
     run_command,
     run_workdir,
@@ -46,7 +46,7 @@ class PromotionApproval(RunInput):
 def registry_versions(workdir: str, dataset: str) -> list[dict[str, Any]]:
     out = run_command(["detailfusion", "registry", "list", "--dataset", dataset, "--json"], cwd=workdir,
                       env=tool_env(workdir), what="detailfusion registry list", echo=False)  # fmt: skip
-    return json.loads(out[out.index("[") :])
+    return last_json(out, "detailfusion registry list")
 
 
 @task(name="registry-promote", cache_policy=NO_CACHE, **NETWORK_RETRY)
@@ -55,7 +55,7 @@ def registry_promote(workdir: str, dataset: str, version: str | None, force: boo
     args += ["--version", str(version)] if version else []
     args += ["--force"] if force else []
     out = run_command(args, cwd=workdir, env=tool_env(workdir), what="detailfusion registry promote")
-    return json.loads(out[out.index("{") :])
+    return last_json(out, "detailfusion registry promote")
 
 
 def comparison(rows: list[dict[str, Any]], version: str | None, metric: str) -> tuple[dict | None, dict | None, str]:

@@ -109,6 +109,20 @@ def run_command(args: list[str], *, cwd: str | Path, env: dict[str, str] | None 
     return "\n".join(lines)
 
 
+def last_json(output: str, what: str) -> Any:
+    """The last top-level JSON document of a command's output (``--json`` / summary printers start
+    it at column 0, after whatever else the command printed)."""
+    import json
+
+    starts = [m.start() for m in re.finditer(r"^[\[{]", output, flags=re.M)]
+    for start in reversed(starts):
+        try:
+            return json.JSONDecoder().raw_decode(output[start:])[0]
+        except json.JSONDecodeError:
+            continue
+    raise StageFailed(f"{what}: no JSON in its output: {output[-500:]!r}")
+
+
 def git(workdir: str | Path, *args: str) -> str:
     done = subprocess.run(["git", "-C", str(workdir), *args], capture_output=True, text=True)
     if done.returncode:
@@ -190,9 +204,11 @@ def set_dotted(params: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node: Any = params
     for i, part in enumerate(parts[:-1]):
-        if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
-            where = ".".join(parts[: i + 1])
+        where = ".".join(parts[: i + 1])
+        if part not in node:
             raise ConfigError(f"params override {key!r}: params.yaml has no section {where!r}")
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"params override {key!r}: {where!r} in params.yaml is a value, not a section")
         node = node[part]
     node[parts[-1]] = value
 

@@ -27,6 +27,7 @@ from flows.tasks import (
     FLOW_RUN_ENV,
     PIPELINE_RUN_ENV,
     TRAIN_STAGES,
+    StageFailed,
     check_exp_name,
     checkout,
     configure_dvc_remote,
@@ -76,10 +77,22 @@ def gpu_slot() -> Iterator[str]:
         yield name
 
 
+def retry_unless_rejected(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a crash, not a stage that refused its input: ``detailfusion`` exits 2 for a clear
+    error (bad params, bad data), which a second attempt would only repeat."""
+    try:
+        state.result()
+    except StageFailed as exc:
+        return "exited with 2" not in str(exc)
+    except Exception:
+        return True
+    return True
+
+
 # One retry for a crashed training (a lost worker, an OOM); the experiment only exists once the
 # stages succeed, so the retry reruns it under the same name.
 @task(name="dvc-exp-run", task_run_name="dvc-exp-run-{name}", cache_policy=NO_CACHE, retries=1,
-      retry_delay_seconds=5)  # fmt: skip
+      retry_delay_seconds=5, retry_condition_fn=retry_unless_rejected)  # fmt: skip
 def run_experiment(workdir: str, name: str, stages: list[str], env: dict[str, str], fail_first_attempts: int = 0) -> str:
     attempt = task_run.run_count or 1
     if attempt <= fail_first_attempts:
