@@ -222,14 +222,63 @@ def test_bad_inputs_fail_with_one_clear_line_and_no_output(case, world, model_di
 def test_tracking_store_down_loses_no_result(world, model_dir, tmp_path):
     from services import free_port
 
+    from detailfusion.tracking import TrackingOfflineWarning
+
+    folder = _image_folder(world, tmp_path / "images", n=8)
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("".join(json.dumps({"reference": p.stem, "caption": "make it blue"}) + "\n"
+                               for p in sorted(folder.glob("*.png"))[:2]))
     tracking = TrackingConfig(tracking_uri=f"http://127.0.0.1:{free_port()}", retries=0, backoff_s=0.0,
                               timeout_s=2.0, system_metrics=False,
                               offline_record=str(tmp_path / "tracking_offline.json"))
     out = tmp_path / "out"
-    summary = run_retrieval(_cfg(world, model_dir, out, report_samples=1), tracking=tracking, progress=False)
+    cfg = _cfg(world, model_dir, out, gallery=str(folder), queries=str(queries), report_samples=1)
+    with pytest.warns(TrackingOfflineWarning, match="unreachable"):
+        summary = run_retrieval(cfg, tracking=tracking, progress=False)
     assert summary["tracking"]["logged"] is False
     for name in RESULT_FILES:
         assert (out / name).is_file(), name
-    assert json.loads((out / "summary.json").read_text())["results"]["rows"] == 48 * 50
+    assert json.loads((out / "summary.json").read_text())["results"]["rows"] == 2 * 8
     record = json.loads((tmp_path / "tracking_offline.json").read_text())
     assert "batch_retrieval" in json.dumps(record)
+
+
+KILL_AFTER_SHARDS = r'''
+import os, signal, sys
+from detailfusion.cli import main
+from detailfusion.retrieval import shards
+
+real, done = shards._write_shard, []
+
+def write_then_die(*args, **kwargs):
+    if len(done) == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)  # no finally, no cleanup: a hard kill mid-job
+    real(*args, **kwargs)
+    done.append(args[1])
+
+shards._write_shard = write_then_die
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+@pytest.mark.slow
+def test_sigkilled_run_reruns_to_the_uninterrupted_result(world, model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "killed"
+    args = ["-q", "--params", str(world["root"] / "params.yaml"), "retrieve", "--no-track", "--model",
+            str(model_dir), "--gallery", str(world["prepared"]), "--queries", str(world["captions"]),
+            "--out", str(out), "--shard-size", "16"]
+    done = subprocess.run([sys.executable, "-c", KILL_AFTER_SHARDS, "3", *args], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert not (out / "results.parquet").exists() and not (out / "summary.json").exists()
+    assert len(list((out / "gallery" / "embeddings").glob("img_emb_*.npy"))) == 3
+
+    resumed = _run(_cfg(world, model_dir, out))
+    assert resumed["gallery"]["shards_reused"] == 3
+    assert resumed["gallery"]["shards_embedded"] == resumed["gallery"]["shards"] - 3
+    _run(_cfg(world, model_dir, tmp_path / "clean"))
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"),
+                                  pd.read_parquet(tmp_path / "clean" / "results.parquet"))

@@ -120,6 +120,13 @@ def _open_cache(cache: Path, key: dict) -> bool:
     return invalidated
 
 
+def _drop_partial_writes(cache: Path) -> None:
+    """Temporary files a killed run left behind (a shard being written when it died)."""
+    for sub in ("embeddings", "metadata", "errors"):
+        for tmp in (cache / sub).glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 def cache_key(model_identity: str, image_size: int, target_ratio: float, shard_size: int, embed_dim: int) -> dict:
     return {"format": CACHE_FORMAT, "model": model_identity, "image_size": int(image_size),
             "target_ratio": float(target_ratio), "shard_size": int(shard_size), "embed_dim": int(embed_dim)}
@@ -137,6 +144,7 @@ def embed_gallery_shards(model, gallery, cache: str | Path, *, model_identity: s
     cache = Path(cache)
     key = cache_key(model_identity, image_size, target_ratio, shard_size, model.embed_dim)
     invalidated = _open_cache(cache, key)
+    _drop_partial_writes(cache)
     n = len(gallery)
     n_shards = max(1, -(-n // shard_size))
     for sub, pattern in (("embeddings", "img_emb_*.npy"), ("metadata", "metadata_*.parquet"),
