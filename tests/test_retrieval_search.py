@@ -37,8 +37,9 @@ def _brute_force(q: np.ndarray, g: np.ndarray, k: int, exclude: np.ndarray | Non
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Gallery blocks of a few rows, so the running top-k merge runs many times."""
-    monkeypatch.setattr(search, "_CPU_BLOCK_ELEMENTS", 7 * 13)
+    """Gallery blocks of 6 groups of 4 rows, so the group filter and the merge run many times."""
+    monkeypatch.setattr(search, "_GROUP", 4)
+    monkeypatch.setattr(search, "_CPU_BLOCK_ELEMENTS", 24 * 13)
 
 
 @pytest.mark.parametrize("k", [1, 5, 40])

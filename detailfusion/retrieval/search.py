@@ -1,8 +1,8 @@
 """Nearest-neighbour search over L2-normalised embeddings: exact (torch) and FAISS indexes.
 
 :func:`exact_search` is a blocked matrix product with a running top-k: the gallery is visited in
-blocks, each block's similarities are reduced to its top ``k`` with :func:`torch.topk`, and the
-block winners are merged into the running list. The order is (score descending, gallery index
+blocks, each block's similarities are filtered by group maxima against the running k-th score,
+reduced to their top ``k`` and merged into the running list. The order is (score descending, gallery index
 ascending), the evaluate stage's ranking (:func:`detailfusion.eval.metrics.rank_gallery`), so ties
 are deterministic. :func:`build_index` wraps FAISS ``IndexFlatIP``, IVF-Flat and IVF-PQ (trained
 on a sample; IVF-PQ candidates re-ranked by their exact inner product) behind the same
@@ -21,9 +21,13 @@ import torch
 from detailfusion.errors import DetailFusionError
 
 INDEX_KINDS: tuple[str, ...] = ("flat", "ivf_flat", "ivf_pq")
-# Similarity entries per (query chunk x gallery block) product on CPU: 8M float32 = 32 MB.
+# Similarity entries per (query chunk x gallery block) product on CPU: 8M float32 = 32 MB. On CPU
+# few queries against long gallery blocks measured fastest (fewer, better-filtered blocks).
 _CPU_BLOCK_ELEMENTS = 1 << 23
+_CPU_QUERY_ROWS = 256
 _GPU_BLOCK_ELEMENTS = 1 << 28
+# Columns per group in the group-maximum filter of the running top-k.
+_GROUP = 32
 _HALF_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 Array = np.ndarray | torch.Tensor
@@ -46,8 +50,8 @@ def exact_search(
     """Top-``k`` gallery rows of each query by inner product (cosine for normalised inputs).
 
     ``queries`` (``[nq, d]``) and ``gallery`` (``[n, d]``) are numpy arrays or torch tensors.
-    ``batch_size`` queries are scored at a time against gallery blocks sized to keep the
-    similarity block near 32 MB (CPU). ``dtype`` ``fp16``/``bf16`` computes on CUDA in half
+    ``batch_size`` queries (on CPU at most 256) are scored at a time against gallery blocks sized
+    to keep the similarity block near 32 MB on CPU (1 GB on CUDA). ``dtype`` ``fp16``/``bf16`` computes on CUDA in half
     precision (scores are returned as float32); CPU computes in float32 (float64 inputs stay
     float64). ``exclude[i]`` is a gallery index dropped from query ``i``'s ranking (``-1``: none),
     the CIRR protocol's reference removal. ``k`` larger than the rankable gallery is clamped to
@@ -72,10 +76,11 @@ def exact_search(
     budget = _GPU_BLOCK_ELEMENTS if dev.type == "cuda" else _CPU_BLOCK_ELEMENTS
     scores = np.empty((n_query, k), dtype=np.float32)
     indices = np.empty((n_query, k), dtype=np.int64)
-    for start in range(0, n_query, batch_size):
-        stop = min(start + batch_size, n_query)
+    step = batch_size if dev.type == "cuda" else min(batch_size, _CPU_QUERY_ROWS)
+    for start in range(0, n_query, step):
+        stop = min(start + step, n_query)
         rows_excl = None if excl is None else excl[start:stop].to(dev)
-        block = max(k, budget // (stop - start))
+        block = max(_GROUP, min(budget // (stop - start), n_gallery) // _GROUP * _GROUP)
         vals, idx = _search_chunk(q[start:stop], g, k, block, rows_excl)
         scores[start:stop] = vals.float().cpu().numpy()
         indices[start:stop] = idx.cpu().numpy()
@@ -85,25 +90,70 @@ def exact_search(
 def _search_chunk(
     q: torch.Tensor, g: torch.Tensor, k: int, block: int, excl: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running top-k of one query chunk over gallery blocks of ``block`` rows."""
-    n_gallery = g.shape[0]
-    top_v = top_i = None
+    """Running top-k of one query chunk over gallery blocks of ``block`` rows (a multiple of the group).
+
+    Each block's similarities are cut into groups of :data:`_GROUP` columns. Only groups whose
+    maximum beats the running k-th score can contribute, and at most the ``k`` groups with the
+    largest maxima: those are gathered and reduced exactly, so the costly top-k runs on a few
+    hundred columns per row instead of the whole block.
+    """
+    n_query, n_gallery = q.shape[0], g.shape[0]
+    top_v = torch.full((n_query, k), float("-inf"), dtype=q.dtype, device=q.device)
+    # Placeholder entries carry index n_gallery so that every real row wins a tie against them.
+    top_i = torch.full((n_query, k), n_gallery, dtype=torch.int64, device=q.device)
+    offsets = torch.arange(_GROUP, device=q.device)
+    buffer = torch.empty((n_query, block), dtype=q.dtype, device=q.device)
     for b0 in range(0, n_gallery, block):
         b1 = min(b0 + block, n_gallery)
-        sims = q @ g[b0:b1].T
+        width = b1 - b0
+        if width == block:
+            sims = torch.mm(q, g[b0:b1].T, out=buffer)
+        else:
+            padded = -(-width // _GROUP) * _GROUP
+            sims = torch.full((n_query, padded), float("-inf"), dtype=q.dtype, device=q.device)
+            sims[:, :width] = q @ g[b0:b1].T
         if excl is not None:
             hit = (excl >= b0) & (excl < b1)
             if bool(hit.any()):
                 rows = torch.nonzero(hit).squeeze(1)
                 sims[rows, excl[rows] - b0] = float("-inf")
-        bv, bi = _block_top_k(sims, min(k, b1 - b0))
-        bi += b0
-        if top_v is None:
-            top_v, top_i = bv, bi
-        else:
-            top_v, top_i = _merge(top_v, top_i, bv, bi, k)
-    assert top_v is not None and top_i is not None
+        n_groups = sims.shape[1] // _GROUP
+        grouped = sims.view(n_query, n_groups, _GROUP)
+        group_max = grouped.amax(dim=2)
+        # Later blocks hold higher indices, so a score equal to the running k-th one never enters.
+        threshold = top_v[:, -1:]
+        live = int((group_max > threshold).sum(dim=1).max())
+        if live == 0:
+            continue
+        kg = min(k, n_groups, live)
+        gv, gi = torch.topk(group_max, kg, dim=1, sorted=False)
+        gi = torch.sort(gi, dim=1).values  # gathered columns then run in gallery order
+        cand = grouped.gather(1, gi[:, :, None].expand(-1, -1, _GROUP)).reshape(n_query, kg * _GROUP)
+        cand_idx = (gi[:, :, None] * _GROUP + offsets).reshape(n_query, kg * _GROUP)
+        bv, local = _block_top_k(cand, min(k, kg * _GROUP))
+        bi = cand_idx.gather(1, local) + b0
+        if kg == k < n_groups:
+            _fix_group_ties(sims[:, :width], group_max, gv, threshold, bv, bi, b0)
+        top_v, top_i = _merge(top_v, top_i, bv, bi, k)
     return top_v, top_i
+
+
+def _fix_group_ties(
+    sims: torch.Tensor, group_max: torch.Tensor, gv: torch.Tensor, threshold: torch.Tensor,
+    bv: torch.Tensor, bi: torch.Tensor, b0: int,
+) -> None:
+    """Rows where a group left out ties the k-th chosen group's maximum: rank the whole block row.
+
+    Only exact ties get here (the left-out group may hold an equal score at a lower index).
+    """
+    kth = gv.min(dim=1, keepdim=True).values
+    crossing = (torch.count_nonzero(group_max >= kth, dim=1) > gv.shape[1]) & (kth[:, 0] > threshold[:, 0])
+    if bool(crossing.any()):
+        rows = torch.nonzero(crossing).squeeze(1)
+        order = torch.sort(sims[rows], dim=1, descending=True, stable=True)
+        width = bv.shape[1]
+        bv[rows] = order.values[:, :width]
+        bi[rows] = order.indices[:, :width] + b0
 
 
 def _block_top_k(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
