@@ -32,16 +32,29 @@ class StackError(RuntimeError):
         self.service, self.log, self.cmd = service, log, cmd
 
 
-def _start_time(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of a live, non-zombie process, else None."""
+def _stat(pid: int | str) -> tuple[int, int] | None:
+    """(process group, start time in clock ticks since boot) of a live process, else None.
+
+    A zombie whose other threads still run (the main thread of a multi-threaded program exited
+    first) is still alive: the kernel reaps it only when its last thread ends.
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
     if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
+        try:
+            if len(os.listdir(f"/proc/{pid}/task")) <= 1:
+                return None
+        except OSError:
+            return None
+    return int(fields[2]), int(fields[19])
+
+
+def _start_time(pid: int) -> int | None:
+    found = _stat(pid)
+    return found[1] if found else None
 
 
 def _reap(pid: int) -> None:
@@ -68,18 +81,12 @@ def alive(info: dict | None) -> bool:
 
 
 def group_alive(pgid: int) -> bool:
-    """True while any non-zombie process is left in process group ``pgid``."""
+    """True while any live process is left in process group ``pgid``."""
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            _reap(int(proc.name))
-            return True
+        if proc.name.isdigit():
+            found = _stat(proc.name)
+            if found and found[0] == pgid:
+                return True
     return False
 
 
@@ -174,11 +181,10 @@ def strays(home: Path, by_cmdline: bool = False, groups: set[int] = frozenset())
         try:
             environ = (proc / "environ").read_bytes()
             cmdline = (proc / "cmdline").read_bytes()
-            stat = (proc / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] in ("Z", "X") or int(fields[2]) in groups:
+        found = _stat(proc.name)
+        if found is None or found[0] in groups:
             continue
         if marker in environ.split(b"\0") or (by_cmdline and str(home).encode() in cmdline):
             found.append(int(proc.name))
