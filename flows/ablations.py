@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,7 @@ def ablations(
     results: dict[str, dict] = {}
     if done:
         exp_pull(workdir, done)
-        results = suite.collect_from_dvc(workdir, done)
+        results = suite.collect_from_dvc(workdir, done, dvc=str(Path(sys.executable).parent / "dvc"))
         for name in set(done) - set(results):
             failed[name] = "finished without evaluation metrics in dvc exp show"
     summary = suite.summarize(results)
