@@ -181,18 +181,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_values(items: list[str], what: str) -> list[str]:
+    from detailfusion.errors import ConfigError
+
+    for item in items:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{what}: expected KEY=VALUE, got {item!r}")
+    return items
+
+
 def cmd_ablations(args: argparse.Namespace) -> int:
-    from detailfusion.train.ablations import markdown_table, run_suite
+    """The ablation suite as DVC experiments (detailfusion.experiments.runner); exit 1 if a run failed."""
+    from detailfusion.errors import ConfigError
+    from detailfusion.experiments.ablations import markdown_table
+    from detailfusion.experiments.runner import run_suite
+    from detailfusion.tracking.config import find_repo_root as dvc_root
 
-    variants = args.variants.split(",") if args.variants else None
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    if args.budget_scale <= 0:
-        from detailfusion.errors import ConfigError
-
-        raise ConfigError(f"--budget-scale must be > 0, got {args.budget_scale}")
-    summary = run_suite(args.params, args.out, variants, seeds, summary_path=args.summary, table_path=args.table,
-                        progress=not args.quiet, budget_scale=args.budget_scale)
-    print(markdown_table(summary))
+    repo = dvc_root(Path.cwd())
+    if Path(args.params).resolve() != (repo / "params.yaml").resolve():
+        raise ConfigError(f"--params {args.params}: ablations run DVC experiments of {repo / 'params.yaml'}; "
+                          "run from the repository and leave --params at its default")
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    extra: dict[str | None, list[str]] = {None: _key_values(args.set or [], "--set")}
+    for variant, item in args.set_for or []:
+        extra.setdefault(variant, []).extend(_key_values([item], f"--set-for {variant}"))
+    result = run_suite(repo, variants=variants, seeds=seeds, budget_scale=args.budget_scale, extra_params=extra,
+                       summary_path=args.summary, table_path=args.table, log_dir=args.logs, push=args.push,
+                       parent_run_id=args.parent_run_id, rerun=args.rerun, echo=not args.quiet)  # fmt: skip
+    print(markdown_table(result.summary, result.failed))
+    print(f"experiments: {', '.join(result.experiments)} (dvc exp show --only-changed)")
+    if result.parent_run_id:
+        print(f"MLflow parent run: {result.parent_run_id}")
+    if result.failed:
+        print(f"error: {len(result.failed)} of {len(result.experiments)} ablation runs failed: "
+              + "; ".join(f"{n}: {e}" for n, e in result.failed.items()), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -210,7 +238,11 @@ def _data_root(params: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="detailfusion", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="detailfusion",
+        description="DetailFusion composed image retrieval: data, training stages, evaluation, registry, "
+        "batch retrieval and ablations. The DVC pipeline (dvc.yaml) runs these subcommands.",
+    )
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -265,14 +297,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_retrieve_parser(sub)
 
-    p = sub.add_parser("ablations", help="run the ablation suite (method.md) and write metrics/ablations.json")
+    p = sub.add_parser("ablations", help="run the ablation suite (method.md) as DVC experiments abl-<variant>-s<seed>")
     p.add_argument("--variants", help="comma-separated (default: all six)")
     p.add_argument("--seeds", help="comma-separated seeds for full/gm_only/di_only (default: 0,1,2)")
-    p.add_argument("--out", default="ablations", help="folder for the per-run outputs")
     p.add_argument("--summary", default="metrics/ablations.json", help="summary JSON path")
     p.add_argument("--table", default="reports/ablations.md", help="markdown table path")
+    p.add_argument("--logs", default="reports/ablation_logs", help="folder for each experiment's full output")
     p.add_argument("--budget-scale", type=float, default=1.0,
                    help="scale every stage's max_steps by this factor (same for all variants)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="extra params.yaml override (dvc exp run -S) for every variant; repeatable")
+    p.add_argument("--set-for", action="append", nargs=2, metavar=("VARIANT", "KEY=VALUE"),
+                   help="extra params.yaml override for one variant only; repeatable")
+    p.add_argument("--rerun", action="store_true",
+                   help="run every experiment again (default: reuse a finished one with the same params)")
+    p.add_argument("--push", metavar="GIT_REMOTE", help="dvc exp push each finished experiment to this git remote")
+    p.add_argument("--parent-run-id", help="nest the runs under this MLflow run (default: "
+                   "$DETAILFUSION_PIPELINE_RUN_ID, else a new 'ablation-suite' run)")
     p.set_defaults(func=cmd_ablations)
 
     return parser

@@ -143,52 +143,6 @@ def test_resume_after_kill_matches_uninterrupted_run(world_copy):
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_ablation_plan_multi_seed_only_where_asked():
-    from detailfusion.train.ablations import plan
-
-    runs = plan()
-    assert [s for v, s in runs if v == "full"] == [0, 1, 2]
-    assert [s for v, s in runs if v == "no_pretrain"] == [0]
-    assert {v for v, _ in runs} == {"full", "no_pretrain", "gm_only", "di_only", "avg_fusion", "no_detail_opt"}
-
-
-@pytest.mark.slow
-def test_ablation_suite_runs_variants_and_resumes(world_copy, monkeypatch):
-    from detailfusion.train import ablations
-
-    root = world_copy["root"]
-    kw = dict(params_path=world_copy["params_path"], out=root / "abl", variants=["full", "gm_only"], seeds=[0, 1],
-              summary_path=root / "metrics" / "ablations.json", table_path=root / "reports" / "ablations.md",
-              progress=False)
-    summary = ablations.run_suite(**kw)
-    assert set(summary) == {"full", "gm_only"}
-    assert summary["full"]["n_seeds"] == 2 and "Rsub@1_std" in summary["full"]
-    on_disk = json.loads((root / "metrics" / "ablations.json").read_text())
-    assert on_disk == summary
-    table = (root / "reports" / "ablations.md").read_text()
-    assert table.count("\n") == 4 and "| gm_only | 2 |" in table
-    # MLflow: one parent run for the suite, one nested run per (variant, seed) with the ablation
-    # tag and the same headline metric keys; the table is an artifact of the parent
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(world_copy["params"]["tracking"]["tracking_uri"])
-    exp = client.get_experiment_by_name("detailfusion-cirr")
-    runs = client.search_runs([exp.experiment_id], "tags.`detailfusion.stage` = 'ablation'")
-    assert sorted((r.data.tags["ablation"], r.data.tags["ablation.seed"]) for r in runs) == [
-        ("full", "0"), ("full", "1"), ("gm_only", "0"), ("gm_only", "1")]
-    parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
-    assert len(parents) == 1
-    keys = [{k for k in r.data.metrics if not k.startswith("stage")} for r in runs]
-    assert all(k == keys[0] for k in keys) and {"R_at_1", "Rsub_at_1", "Avg"} <= keys[0]
-    parent_files = {a.path for a in client.list_artifacts(parents.pop(), "ablations")}
-    assert parent_files == {"ablations/ablations.json", "ablations/ablations.md"}
-
-    # a rerun with the same params reuses every finished run
-    calls = []
-    monkeypatch.setattr(ablations, "_run_one", lambda *a, **k: calls.append(a))
-    assert ablations.run_suite(**kw) == summary and calls == []
-
-
 @pytest.mark.slow
 def test_fashioniq_target_dataset_trains_and_evaluates_per_category(world_copy):
     from detailfusion.eval.evaluate import EvaluateConfig, run_evaluate

@@ -1,0 +1,300 @@
+"""The ablation suite as DVC experiments: one implementation for the CLI and the Prefect flow.
+
+Every (variant, seed) of ``method.md`` is one DVC experiment of the committed ``dvc.yaml``,
+named ``abl-<variant>-s<seed>``, that differs from the baseline only in ``model.variant``, the
+three training stages' ``loop.seed`` and (optionally, for every variant alike) a scaled
+``loop.max_steps``. It runs the pipeline up to ``evaluate`` (:data:`EXP_TARGETS`), never the
+``register`` stage, so an ablation never registers a model or moves ``@champion``.
+
+The pieces here are pure (no side effects except the documented subprocess / MLflow calls):
+
+* :func:`plan` -> the :class:`AblationRun` s; :func:`set_params` -> the ``-S key=value`` strings;
+  :func:`exp_run_command` -> the whole ``dvc exp run`` command line for one run.
+* :func:`collect_from_dvc` reads ``dvc exp show --json`` (DVC 3.x schema, parsed by
+  :func:`parse_exp_show`) into ``{name: result}``; :func:`summarize` turns results into
+  mean / std / 95 % CI over seeds; :func:`markdown_table` renders the summary.
+* :func:`suite_parent` / :func:`log_suite_summary` (``tracking.py``) put the suite into one MLflow
+  parent run; stages nest under it via ``$DETAILFUSION_PIPELINE_RUN_ID``.
+
+The local runner (``detailfusion ablations``) is :mod:`detailfusion.experiments.runner`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from detailfusion.config import load_params
+from detailfusion.errors import ConfigError, DetailFusionError
+
+VARIANT_ORDER = ("full", "no_pretrain", "gm_only", "di_only", "avg_fusion", "no_detail_opt")
+MULTI_SEED = ("full", "gm_only", "di_only")
+DEFAULT_SEEDS = (0, 1, 2)
+METRICS = ("R@1", "R@5", "R@10", "R@50", "Rsub@1", "Rsub@2", "Rsub@3", "Avg")
+BASELINES = ("reference_only", "text_only", "pixel_reference")
+STAGE_SECTIONS = ("stage1_detail", "stage2_branches", "stage3_fusion")
+# What an ablation experiment reproduces: validation of the data, then training up to evaluate.
+# DVC orders stages of several targets by their order in dvc.yaml, so validate runs first and a
+# data violation stops the experiment before any training. `register` is not among them.
+EXP_TARGETS = ("validate", "evaluate")
+EVAL_METRICS_FILE = "metrics/eval.json"
+NAME_PREFIX = "abl"
+_NAME_RE = re.compile(r"^(?P<prefix>.+?)-(?P<variant>[A-Za-z0-9_]+)-s(?P<seed>\d+)$")
+
+
+class DvcError(DetailFusionError):
+    """A ``dvc`` command needed to run or read the suite failed."""
+
+
+@dataclass(frozen=True)
+class AblationRun:
+    """One (variant, seed) of the suite; ``name`` is its DVC experiment name (stable, so a rerun
+    replaces the experiment of the same baseline instead of adding another)."""
+
+    variant: str
+    seed: int
+    prefix: str = NAME_PREFIX
+
+    @property
+    def name(self) -> str:
+        return f"{self.prefix}-{self.variant}-s{self.seed}"
+
+
+def parse_name(name: str) -> tuple[str, int] | None:
+    """``abl-gm_only-s2`` -> ``("gm_only", 2)``; None when ``name`` is not an ablation name."""
+    m = _NAME_RE.match(name)
+    return (m["variant"], int(m["seed"])) if m else None
+
+
+def plan(variants: list[str] | None = None, seeds: list[int] | None = None, *,
+         prefix: str = NAME_PREFIX) -> list[AblationRun]:
+    """The suite's runs: every seed for the variants in :data:`MULTI_SEED`, the first seed for the
+    others (the ``method.md`` protocol). Unknown or repeated variants/seeds raise ConfigError."""
+    variants = list(VARIANT_ORDER if variants is None else variants)
+    seeds = list(DEFAULT_SEEDS if seeds is None else seeds)
+    unknown = [v for v in variants if v not in VARIANT_ORDER]
+    if unknown:
+        raise ConfigError(f"ablations: unknown variant(s) {unknown}; choose from {list(VARIANT_ORDER)}")
+    if not variants or len(set(variants)) != len(variants):
+        raise ConfigError(f"ablations: variants must be non-empty and unique, got {variants}")
+    if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError(f"ablations: seeds must be non-empty, unique integers >= 0, got {seeds}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", prefix):
+        raise ConfigError(f"ablations: experiment name prefix {prefix!r} must be letters, digits, '.', '_', '-'")
+    return [AblationRun(v, s, prefix) for v in variants for s in (seeds if v in MULTI_SEED else seeds[:1])]
+
+
+def set_params(run: AblationRun, budget_scale: float = 1.0,
+               params: dict[str, Any] | str | Path = "params.yaml") -> list[str]:
+    """The ``key=value`` strings for ``dvc exp run -S``: the variant, the three stages' seeds and,
+    when ``budget_scale != 1``, every stage's ``loop.max_steps`` scaled from ``params`` (a dict or
+    the params.yaml path) and rounded, at least 1. The same scale for every variant keeps the
+    budgets equal."""
+    if not (isinstance(budget_scale, int | float) and math.isfinite(budget_scale) and budget_scale > 0):
+        raise ConfigError(f"ablations: budget scale must be a number > 0, got {budget_scale!r}")
+    out = [f"model.variant={run.variant}"] + [f"{s}.loop.seed={run.seed}" for s in STAGE_SECTIONS]
+    if budget_scale != 1.0:
+        source = "params" if isinstance(params, dict) else str(params)
+        data = params if isinstance(params, dict) else load_params(params)
+        for section in STAGE_SECTIONS:
+            steps = ((data.get(section) or {}).get("loop") or {}).get("max_steps")
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+                raise ConfigError(f"{source}: {section}.loop.max_steps must be an integer >= 1 to scale it, "
+                                  f"got {steps!r}")
+            out.append(f"{section}.loop.max_steps={max(1, round(steps * budget_scale))}")
+    return out
+
+
+def exp_run_command(run: AblationRun, set_args: list[str], *, temp: bool = True, dvc: str = "dvc") -> list[str]:
+    """``dvc exp run validate evaluate [--temp] -n <name> -S ...`` for one run.
+
+    ``temp`` runs it in a temporary copy of the repository (the workspace stays untouched); a
+    Prefect worker that trains in its own clone can run it in the workspace (``temp=False``).
+    """
+    cmd = [dvc, "exp", "run", *EXP_TARGETS]
+    if temp:
+        cmd.append("--temp")
+    cmd += ["-n", run.name]
+    for item in set_args:
+        cmd += ["-S", item]
+    return cmd
+
+
+# --------------------------------------------------------------------------- results from DVC
+
+
+def dvc_executable() -> str:
+    """``dvc`` on PATH, else the one installed beside this Python (a venv that is not activated)."""
+    beside = Path(sys.executable).parent / "dvc"
+    return shutil.which("dvc") or (str(beside) if beside.is_file() else "dvc")
+
+
+def dvc_exp_show(repo_dir: str | Path, *, all_commits: bool = False, dvc: str | None = None) -> list[dict]:
+    """``dvc exp show --json`` in ``repo_dir`` (DvcError with its message when it fails)."""
+    cmd = [dvc or dvc_executable(), "exp", "show", "--json", "--no-pager"] + (["--all-commits"] if all_commits else [])
+    try:
+        done = subprocess.run(cmd, cwd=repo_dir, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DvcError(f"{' '.join(cmd)} (in {repo_dir}): {exc}") from exc
+    if done.returncode:
+        raise DvcError(f"{' '.join(cmd)} (in {repo_dir}) failed: {error_lines(done.stdout + done.stderr)}")
+    try:
+        doc = json.loads(done.stdout)
+    except json.JSONDecodeError as exc:
+        raise DvcError(f"{' '.join(cmd)} (in {repo_dir}): output is not JSON ({exc})") from exc
+    if not isinstance(doc, list):
+        raise DvcError(f"{' '.join(cmd)} (in {repo_dir}): expected a JSON list, got {type(doc).__name__}")
+    return doc
+
+
+def parse_exp_show(doc: list[dict], names: list[str] | None = None) -> dict[str, dict]:
+    """The ablation results in a ``dvc exp show --json`` document (DVC 3.x).
+
+    Schema: a list of baseline commits ``{rev, name, data, experiments}``; each experiment is
+    ``{name, executor, revs: [{rev, name, data: {params, metrics, timestamp}, error}]}`` and
+    ``data.metrics["metrics/eval.json"]["data"]`` is the evaluate stage's JSON
+    (``{dataset: {metrics, baselines, ...}}``). Returns ``{name: result}`` for the experiments in
+    ``names`` (all ablation-named ones when None) that finished with evaluation metrics; a name
+    found at several baselines keeps the newest. ``result`` = ``{variant, seed, rev, baseline,
+    timestamp, dataset, metrics, baselines}``.
+    """
+    wanted = set(names) if names is not None else None
+    found: dict[str, dict] = {}
+    for baseline in doc:
+        for exp in baseline.get("experiments") or []:
+            name = exp.get("name")
+            revs = exp.get("revs") or []
+            if not name or not revs or (wanted is not None and name not in wanted):
+                continue
+            if wanted is None and parse_name(name) is None:
+                continue
+            result = _result_from_rev(name, revs[0], baseline.get("rev"))
+            if result is not None and (name not in found or result["timestamp"] > found[name]["timestamp"]):
+                found[name] = result
+    return found
+
+
+def _result_from_rev(name: str, rev: dict, baseline_rev: str | None) -> dict | None:
+    data = rev.get("data") or {}
+    if rev.get("error") or not data:
+        return None
+    evaluation = ((data.get("metrics") or {}).get(EVAL_METRICS_FILE) or {}).get("data") or {}
+    datasets = [k for k, v in evaluation.items() if isinstance(v, dict) and "metrics" in v]
+    if not datasets:
+        return None
+    dataset = datasets[0]
+    params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+    parsed = parse_name(name)
+    variant = (params.get("model") or {}).get("variant") or (parsed[0] if parsed else None)
+    seed = (((params.get("stage2_branches") or {}).get("loop") or {}).get("seed"))
+    if seed is None and parsed:
+        seed = parsed[1]
+    return {
+        "variant": variant,
+        "seed": seed,
+        "rev": rev.get("rev"),
+        "baseline": baseline_rev,
+        "timestamp": data.get("timestamp") or "",
+        "dataset": dataset,
+        "metrics": evaluation[dataset]["metrics"],
+        "baselines": evaluation[dataset].get("baselines") or {},
+    }
+
+
+def collect_from_dvc(repo_dir: str | Path, names: list[str], *, all_commits: bool = False,
+                     dvc: str | None = None) -> dict[str, dict]:
+    """``{name: result}`` (see :func:`parse_exp_show`) for the experiments ``names`` that DVC
+    knows in ``repo_dir``. Experiments pushed from elsewhere must be pulled first
+    (``dvc exp pull <git remote> <name>``); names without results are left out."""
+    return parse_exp_show(dvc_exp_show(repo_dir, all_commits=all_commits, dvc=dvc), names)
+
+
+def error_lines(output: str, limit: int = 600) -> str:
+    """The error lines of a failed ``dvc`` / ``detailfusion`` run (``error:``, ``ERROR:``, the last
+    line of a traceback), joined; the last non-empty line when there are none."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    picked: list[str] = []
+    for i, ln in enumerate(lines):
+        is_error = ln.lower().startswith("error:") or re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)
+        if ln.startswith("Traceback") and i + 1 < len(lines):
+            continue
+        if is_error and ln not in picked:
+            picked.append(ln)
+    text = " | ".join(picked) if picked else (lines[-1] if lines else "no output")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _ci95(values: list[float]) -> float:
+    """Half-width of the two-sided 95 % t confidence interval of the mean."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
+
+
+def summarize(results: dict[str, dict]) -> dict:
+    """Per variant (in :data:`VARIANT_ORDER`): ``n_seeds``, ``seeds``, ``runs`` (experiment names)
+    and for each metric the mean over seeds, ``<m>_std`` (sample std, 0 for one seed) and, with two
+    or more seeds, ``<m>_ci95`` = [low, high] (t interval); plus the baselines' mean R@1.
+
+    ``results``: ``{name: {variant, seed, metrics, baselines}}`` as :func:`collect_from_dvc`
+    returns (variant/seed are taken from the name ``abl-<variant>-s<seed>`` when absent).
+    """
+    by_variant: dict[str, dict[str, dict]] = {}
+    for name, res in results.items():
+        parsed = parse_name(name)
+        variant = res.get("variant") or (parsed[0] if parsed else name)
+        by_variant.setdefault(variant, {})[name] = res
+    order = [v for v in VARIANT_ORDER if v in by_variant] + sorted(set(by_variant) - set(VARIANT_ORDER))
+    summary: dict[str, dict] = {}
+    for variant in order:
+        runs = by_variant[variant]
+        seeds = sorted(s for s in (r.get("seed", (parse_name(n) or (None, None))[1]) for n, r in runs.items())
+                       if s is not None)
+        row: dict[str, Any] = {"n_seeds": len(runs), "seeds": seeds, "runs": sorted(runs)}
+        for m in METRICS:
+            values = [float(r["metrics"][m]) for r in runs.values() if m in (r.get("metrics") or {})]
+            if not values:
+                continue
+            mean = statistics.fmean(values)
+            row[m] = round(mean, 3)
+            row[f"{m}_std"] = round(statistics.stdev(values), 3) if len(values) > 1 else 0.0
+            if len(values) > 1:
+                half = _ci95(values)
+                row[f"{m}_ci95"] = [round(mean - half, 3), round(mean + half, 3)]
+        for base in BASELINES:
+            values = [r["baselines"][base]["R@1"] for r in runs.values() if base in (r.get("baselines") or {})]
+            if values:
+                row[f"baseline_{base}_R@1"] = round(statistics.fmean(values), 3)
+        summary[variant] = row
+    return summary
+
+
+def markdown_table(summary: dict, failed: dict[str, str] | None = None) -> str:
+    """The summary as a markdown table (mean ± std over seeds), then one line per failed run."""
+    lines = ["| variant | seeds | " + " | ".join(METRICS) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in METRICS) + " |"]
+    for variant, row in summary.items():
+        cells = []
+        for c in METRICS:
+            if c not in row:
+                cells.append("")
+            elif row["n_seeds"] > 1:
+                cells.append(f"{row[c]:.1f} ± {row[c + '_std']:.1f}")
+            else:
+                cells.append(f"{row[c]:.1f}")
+        lines.append(f"| {variant} | {row['n_seeds']} | " + " | ".join(cells) + " |")
+    if failed:
+        lines += ["", "Failed runs (not in the table):", ""]
+        lines += [f"- `{name}`: {error}" for name, error in sorted(failed.items())]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,100 @@
+"""The ablation suite's MLflow parent run: every stage run of every ablation experiment nests
+under it, and it carries the summary (metrics per variant, the JSON and the markdown table).
+
+The runner (or a Prefect flow) opens the parent with :func:`suite_parent`, exports its id as
+``$DETAILFUSION_PIPELINE_RUN_ID`` to the ``dvc exp run`` processes (the stages' tracking code
+nests under that run and tags each stage run ``ablation=<variant>`` and ``dvc.exp_name``), and
+at the end calls :func:`log_suite_summary`. Tracking problems never fail the suite: offline, the
+parent is ``None`` / logging returns False and the runner says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from detailfusion.config import load_section
+from detailfusion.tracking import PipelineRun, TrackingConfig, TrackingSession, lineage_tags, mlflow_key
+from detailfusion.tracking.runs import MLFLOW_RUN_NAME, TAG_RUN_KIND, _Offline
+
+log = logging.getLogger(__name__)
+
+RUN_KIND = "ablation_suite"
+TAG_FAILED = "ablation.failed"
+TAG_EXPERIMENTS = "ablation.experiments"
+
+
+def tracking_config(params: dict[str, Any], source: str = "params.yaml") -> TrackingConfig | None:
+    """The ``tracking`` section when present and enabled, else None (the suite runs untracked)."""
+    if "tracking" not in params:
+        return None
+    cfg = load_section(TrackingConfig, params, "tracking", source=source)
+    return cfg if cfg.enabled else None
+
+
+def suite_parent(cfg: TrackingConfig, dataset: str, *, run_id: str | None = None, run_name: str = "ablation-suite",
+                 repo_root: Path | None = None) -> PipelineRun:
+    """The suite's parent run: the existing run ``run_id`` (left to its owner) or a new one in the
+    data set's experiment, tagged with the lineage and ``detailfusion.run_kind=ablation_suite``.
+    Offline, ``run_id`` of the result is None (or the given id, unverified)."""
+    session = TrackingSession(cfg, repo_root)
+    if session.offline:
+        return PipelineRun(session, run_id, None, RUN_KIND, owned=False)
+    try:
+        if run_id:
+            run = session.call("get ablation parent run", session.client.get_run, run_id)
+            return PipelineRun(session, run_id, run.info.experiment_id, RUN_KIND, owned=False)
+        experiment_id = session.ensure_experiment(dataset)
+        tags = {TAG_RUN_KIND: RUN_KIND, MLFLOW_RUN_NAME: run_name,
+                **lineage_tags(session.repo_root, dataset=dataset)}
+        run = session.call("create ablation parent run", session.client.create_run, experiment_id,
+                           run_name=run_name, tags=tags)  # fmt: skip
+        return PipelineRun(session, run.info.run_id, experiment_id, RUN_KIND, owned=True)
+    except _Offline:
+        log.warning("MLflow at %s unreachable: the ablation suite runs without a parent run (%s)",
+                    session.tracking_uri, session.error)  # fmt: skip
+        return PipelineRun(session, run_id, None, RUN_KIND, owned=False)
+
+
+def summary_metrics(summary: dict) -> dict[str, float]:
+    """``<variant>/<metric>`` -> mean (MLflow keys: ``full/R_at_1``), the numbers of the summary."""
+    out = {}
+    for variant, row in summary.items():
+        for key, value in row.items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and key != "n_seeds":
+                out[mlflow_key(f"{variant}/{key}")] = float(value)
+        out[mlflow_key(f"{variant}/n_seeds")] = float(row.get("n_seeds", 0))
+    return out
+
+
+def log_suite_summary(parent: PipelineRun, summary: dict, failed: dict[str, str], *,
+                      experiments: list[str], files: list[str | Path] = (), close: bool = True) -> bool:
+    """Log the summary to the parent run: per-variant metrics, the experiment names and failures
+    as tags, ``files`` (the JSON and the table) under ``ablations/``; a parent this code owns ends
+    FINISHED, or FAILED when a run failed. Returns False when (part of) it could not be logged."""
+    if parent.run_id is None:
+        return False
+    from mlflow.entities import Metric
+
+    session = parent.session
+    ok = parent.set_tags({TAG_EXPERIMENTS: ",".join(experiments), TAG_FAILED: ",".join(sorted(failed)) or "none"})
+    metrics = [Metric(k, v, 0, 0) for k, v in summary_metrics(summary).items()]
+    try:
+        for start in range(0, len(metrics), 500):
+            session.call("log ablation summary", session.client.log_batch, parent.run_id,
+                         metrics=metrics[start : start + 500])  # fmt: skip
+        if failed:
+            session.call("log ablation failures", session.client.log_dict, parent.run_id, failed,
+                         "ablations/failed.json")  # fmt: skip
+    except _Offline:
+        ok = False
+    for path in files:
+        ok = parent.log_artifact(path, artifact_path="ablations") and ok
+    if close and parent.owned:
+        try:
+            session.call("end ablation parent run", session.client.set_terminated, parent.run_id,
+                         status="FAILED" if failed else "FINISHED")  # fmt: skip
+        except _Offline:
+            ok = False
+    return ok

@@ -1,0 +1,251 @@
+"""The ablation suite as DVC experiments: the pure pieces, and ``detailfusion ablations`` on a
+shrunk copy of the repository (one variant made to fail; the other one completes, is a DVC
+experiment that a fresh clone sees after ``dvc exp push``, and its runs nest under one MLflow
+parent)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO_ROOT
+from test_pipeline import _run, repo  # noqa: F401  (the fixture: a shrunk git copy of the repository)
+
+from detailfusion.errors import ConfigError
+from detailfusion.experiments import (
+    EXP_TARGETS,
+    MULTI_SEED,
+    VARIANT_ORDER,
+    AblationRun,
+    error_lines,
+    exp_run_command,
+    markdown_table,
+    parse_exp_show,
+    parse_name,
+    plan,
+    set_params,
+    summarize,
+)
+
+BIN = Path(sys.executable).parent
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_plan_names_and_multi_seed_only_where_asked():
+    from detailfusion.models.variants import list_variants
+
+    assert list(VARIANT_ORDER) == list_variants()
+    runs = plan()
+    assert [r.seed for r in runs if r.variant == "full"] == [0, 1, 2]
+    assert [r.seed for r in runs if r.variant == "no_pretrain"] == [0]
+    assert len(runs) == 3 * len(MULTI_SEED) + len(VARIANT_ORDER) - len(MULTI_SEED)
+    assert AblationRun("gm_only", 2).name == "abl-gm_only-s2"
+    assert all(parse_name(r.name) == (r.variant, r.seed) for r in runs)
+    assert parse_name("pipeline-647a0ddc-green-crow") is None
+    assert [r.name for r in plan(["di_only", "avg_fusion"], [5, 7], prefix="x-y")] == [
+        "x-y-di_only-s5", "x-y-di_only-s7", "x-y-avg_fusion-s5"]
+
+
+@pytest.mark.parametrize("variants,seeds,match", [
+    (["full", "nope"], None, "unknown variant"),
+    (["full", "full"], None, "unique"),
+    (None, [0, 0], "unique"),
+    (None, [-1], ">= 0"),
+    (None, [], "non-empty"),
+])
+def test_plan_rejects_bad_input(variants, seeds, match):
+    with pytest.raises(ConfigError, match=match):
+        plan(variants, seeds)
+
+
+def test_set_params_variant_seeds_and_budget_scale_from_params_yaml(tmp_path):
+    real = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    run = AblationRun("no_pretrain", 3)
+    assert set_params(run, params=REPO_ROOT / "params.yaml") == [
+        "model.variant=no_pretrain", "stage1_detail.loop.seed=3", "stage2_branches.loop.seed=3",
+        "stage3_fusion.loop.seed=3"]
+    scaled = dict(s.split("=") for s in set_params(run, 0.5, REPO_ROOT / "params.yaml"))
+    for section in ("stage1_detail", "stage2_branches", "stage3_fusion"):
+        assert int(scaled[f"{section}.loop.max_steps"]) == round(real[section]["loop"]["max_steps"] * 0.5)
+    tiny = {s: {"loop": {"max_steps": 1}} for s in ("stage1_detail", "stage2_branches", "stage3_fusion")}
+    assert "stage1_detail.loop.max_steps=1" in set_params(run, 0.01, tiny)  # never below one step
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="budget scale"):
+            set_params(run, bad, REPO_ROOT / "params.yaml")
+    broken = tmp_path / "params.yaml"
+    broken.write_text(yaml.safe_dump({**tiny, "stage3_fusion": {"loop": {"max_steps": "many"}}}))
+    with pytest.raises(ConfigError, match=r"params.yaml: stage3_fusion.loop.max_steps"):
+        set_params(run, 0.5, broken)
+
+
+def test_exp_run_command_stops_before_register():
+    cmd = exp_run_command(AblationRun("full", 0), ["model.variant=full"])
+    assert cmd[:3] == ["dvc", "exp", "run"] and "register" not in cmd
+    assert cmd[3:3 + len(EXP_TARGETS)] == list(EXP_TARGETS) == ["validate", "evaluate"]
+    assert cmd[-5:] == ["--temp", "-n", "abl-full-s0", "-S", "model.variant=full"]
+    assert "--temp" not in exp_run_command(AblationRun("full", 0), [], temp=False)
+    dvc_yaml = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(EXP_TARGETS) <= set(dvc_yaml) and "register" in dvc_yaml
+
+
+def _eval(r1: float) -> dict:
+    metrics = {m: r1 for m in ("R@1", "R@5", "R@10", "R@50", "Rsub@1", "Rsub@2", "Rsub@3", "Avg")}
+    return {"metrics": metrics, "baselines": {"text_only": {"R@1": 1.0}}}
+
+
+def test_summarize_mean_std_ci_over_seeds_and_table():
+    results = {f"abl-full-s{s}": _eval(v) for s, v in enumerate((10.0, 12.0, 14.0))}
+    results["abl-gm_only-s0"] = {"variant": "gm_only", "seed": 0, **_eval(30.0)}
+    summary = summarize(results)
+    assert list(summary) == ["full", "gm_only"]  # VARIANT_ORDER, not insertion order
+    full = summary["full"]
+    assert full["n_seeds"] == 3 and full["seeds"] == [0, 1, 2] and full["R@1"] == 12.0 and full["R@1_std"] == 2.0
+    half = 4.302653 * 2.0 / math.sqrt(3)  # t(0.975, df=2) * s / sqrt(n)
+    assert full["R@1_ci95"] == pytest.approx([12.0 - half, 12.0 + half], abs=1e-3)
+    assert full["baseline_text_only_R@1"] == 1.0
+    gm = summary["gm_only"]
+    assert gm["n_seeds"] == 1 and gm["R@1_std"] == 0.0 and "R@1_ci95" not in gm and gm["runs"] == ["abl-gm_only-s0"]
+    table = markdown_table(summary, {"abl-di_only-s0": "exit 1: error: boom"})
+    assert "| full | 3 | 12.0 ± 2.0 |" in table and "| gm_only | 1 | 30.0 |" in table
+    assert "- `abl-di_only-s0`: exit 1: error: boom" in table
+
+
+def test_parse_exp_show_dvc3_schema():
+    def rev(name, variant, evaluation, error=None):
+        data = {"timestamp": "2026-12-01T20:54:00", "params": {"params.yaml": {"data": {
+            "model": {"variant": variant}, "stage2_branches": {"loop": {"seed": 1}}}}},
+            "metrics": {"metrics/eval.json": {"data": evaluation}}}
+        return {"rev": f"rev-{name}", "name": name, "error": error, "data": data}
+
+    doc = [{"rev": "workspace", "name": None, "data": {}, "experiments": None},
+           {"rev": "base1", "name": "main", "data": {}, "experiments": [
+               {"name": "abl-full-s1", "executor": None, "revs": [rev("abl-full-s1", "full", {"cirr": _eval(5.0)})]},
+               {"name": "abl-di_only-s0", "executor": None,
+                "revs": [rev("abl-di_only-s0", "di_only", {}, error={"type": "failed"})]},
+               {"name": "pipeline-x", "executor": None, "revs": [rev("pipeline-x", "full", {"cirr": _eval(1.0)})]},
+           ]}]
+    got = parse_exp_show(doc)
+    assert list(got) == ["abl-full-s1"]
+    assert got["abl-full-s1"]["variant"] == "full" and got["abl-full-s1"]["seed"] == 1
+    assert got["abl-full-s1"]["dataset"] == "cirr" and got["abl-full-s1"]["metrics"]["R@1"] == 5.0
+    assert got["abl-full-s1"]["rev"] == "rev-abl-full-s1" and got["abl-full-s1"]["baseline"] == "base1"
+    assert list(parse_exp_show(doc, ["pipeline-x"])) == ["pipeline-x"]
+
+
+def test_error_lines_pick_the_errors():
+    out = ("Running stage 'stage1_detail':\n> detailfusion --quiet train stage1_detail\n"
+           "error: params.yaml: model.arch 'bogus' not found\n"
+           "ERROR: failed to reproduce 'stage1_detail': failed to run: detailfusion, exited with 2\n")
+    assert error_lines(out) == ("error: params.yaml: model.arch 'bogus' not found | ERROR: failed to reproduce "
+                                "'stage1_detail': failed to run: detailfusion, exited with 2")
+    tb = "Traceback (most recent call last):\n  File x\nValueError: broken\n"
+    assert error_lines(tb) == "ValueError: broken"
+    assert error_lines("just\nlast line\n") == "last line"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["ablations", "--variants", "full,nope"], "unknown variant"),
+    (["ablations", "--seeds", "0,x"], "--seeds"),
+    (["ablations", "--set", "novalue"], "--set: expected KEY=VALUE"),
+    (["ablations", "--variants", "full", "--set-for", "gm_only", "a=1"], "not in the suite"),
+    (["ablations", "--budget-scale", "0"], "budget scale"),
+    (["--params", "other.yaml", "ablations"], "--params other.yaml"),
+])
+def test_cli_bad_input_one_line_and_nothing_run(argv, match, capsys, monkeypatch):
+    from detailfusion.cli import main
+
+    monkeypatch.chdir(REPO_ROOT)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and match in err and "\n" not in err
+
+
+# --------------------------------------------------------------------------- the suite, for real
+
+
+@pytest.mark.slow
+def test_suite_as_dvc_experiments_one_variant_failing(repo, tmp_path):  # noqa: F811
+    root, env = repo
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for stage, steps in (("stage1_detail", 2), ("stage2_branches", 2), ("stage3_fusion", 2)):
+        params[stage]["loop"]["max_steps"] = steps
+    params["evaluate"].update(bootstrap=10, report_samples=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # a git remote and a DVC remote, so the experiment can be pushed and seen from a fresh clone
+    _run(["git", "init", "-q", "--bare", str(tmp_path / "origin.git")], root, env)
+    _run(["git", "remote", "add", "origin", str(tmp_path / "origin.git")], root, env)
+    _run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "dvc-store")], root, env)
+    _run(["git", "commit", "-qam", "shrunk, remotes"], root, env)
+    _run(["git", "push", "-q", "origin", "main"], root, env)
+
+    done = _run(["detailfusion", "ablations", "--variants", "gm_only,di_only", "--seeds", "0", "--push", "origin",
+                 "--set-for", "di_only", "model.arch=bogus"], root, env, check=False)  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    # the failure is reported with its error, the other variant is unaffected
+    assert "1 of 2 ablation runs failed" in done.stderr and "abl-di_only-s0" in done.stderr and "bogus" in done.stderr
+    summary = json.loads((root / "metrics" / "ablations.json").read_text())
+    assert list(summary["variants"]) == ["gm_only"]
+    assert summary["variants"]["gm_only"]["n_seeds"] == 1 and 0 <= summary["variants"]["gm_only"]["R@1"] <= 100
+    assert summary["runs"]["abl-di_only-s0"]["status"] == "failed" and "bogus" in summary["runs"]["abl-di_only-s0"]["error"]
+    assert summary["runs"]["abl-gm_only-s0"]["status"] == "ok"
+    table = (root / "reports" / "ablations.md").read_text()
+    assert "| gm_only | 1 |" in table and "`abl-di_only-s0`" in table
+    assert (root / "reports" / "ablation_logs" / "abl-di_only-s0.log").is_file()
+    # the workspace is untouched (--temp): params.yaml still the baseline's
+    assert yaml.safe_load((root / "params.yaml").read_text())["model"]["variant"] == "full"
+
+    # DVC: the finished variant is an experiment with the evaluation metrics; the failed one is not
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], root, env).stdout)
+    names = {e["name"] for b in shown for e in (b.get("experiments") or [])}
+    assert "abl-gm_only-s0" in names and "abl-di_only-s0" not in names
+    exp = parse_exp_show(shown, ["abl-gm_only-s0"])["abl-gm_only-s0"]
+    assert exp["variant"] == "gm_only"
+    assert exp["metrics"]["R@1"] == pytest.approx(summary["variants"]["gm_only"]["R@1"], abs=1e-3)
+    # a fresh clone sees it after dvc exp pull (pushed by the suite)
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", "-b", "main", str(tmp_path / "origin.git"), str(clone)], tmp_path, env)
+    _run(["dvc", "exp", "pull", "origin", "abl-gm_only-s0"], clone, env)
+    from detailfusion.experiments import collect_from_dvc
+
+    assert collect_from_dvc(clone, ["abl-gm_only-s0"], dvc=str(BIN / "dvc"))["abl-gm_only-s0"]["metrics"] == exp["metrics"]
+
+    # MLflow: one parent with the summary; every stage run nested under it, tagged with the
+    # variant and the experiment name; the failed variant's stage run FAILED; no model registered
+    from mlflow import MlflowClient
+
+    client = MlflowClient(params["tracking"]["tracking_uri"])
+    experiment = client.get_experiment_by_name("detailfusion-cirr")
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.tags["detailfusion.run_kind"] == "ablation_suite" and parent.info.status == "FAILED"
+    assert parent.data.tags["ablation.failed"] == "abl-di_only-s0"
+    assert parent.data.metrics["gm_only/R_at_1"] == summary["variants"]["gm_only"]["R@1"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "ablations")} >= {
+        "ablations/ablations.json", "ablations/ablations.md", "ablations/failed.json"}
+    children = client.search_runs([experiment.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")  # fmt: skip
+    trained = [r for r in children if r.data.tags.get("detailfusion.stage") in ("stage2_branches", "evaluate")]
+    assert {(r.data.tags["ablation"], r.data.tags["dvc.exp_name"], r.data.tags["detailfusion.stage"]) for r in trained
+            if r.info.status == "FINISHED"} == {("gm_only", "abl-gm_only-s0", "stage2_branches"),
+                                                ("gm_only", "abl-gm_only-s0", "evaluate")}
+    failed = [r for r in children if r.data.tags.get("ablation") == "di_only"]
+    assert failed and all(r.data.tags["dvc.exp_name"] == "abl-di_only-s0" for r in failed)
+    assert "FAILED" in {r.info.status for r in failed}
+    assert not any(r.data.tags.get("detailfusion.stage") == "register" for r in children)
+    assert client.search_registered_models() == []
+    assert not (root / "reports" / "registry" / "summary.json").exists()
+
+
+    # a rerun of a finished variant with the same params reuses its experiment instead of training
+    again = _run(["detailfusion", "ablations", "--variants", "gm_only", "--seeds", "0"], root, env, check=False)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "reusing finished experiments with the same params" in again.stderr and "abl-gm_only-s0" in again.stderr
+    rerun = json.loads((root / "metrics" / "ablations.json").read_text())
+    assert rerun["runs"]["abl-gm_only-s0"] == {**summary["runs"]["abl-gm_only-s0"], "status": "reused"}
+    assert rerun["variants"]["gm_only"] == summary["variants"]["gm_only"]
