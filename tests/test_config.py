@@ -55,3 +55,10 @@ def test_misspelt_variant_fails_at_load(tmp_path):
     path = _write(tmp_path, "model:\n  variant: fulll\n")
     with pytest.raises(ConfigError, match=r"model: variant: 'fulll' is unknown; choose from \["):
         load_section(ModelSection, path, "model")
+
+
+def test_top_level_help_is_plain_text():
+    from detailfusion.cli import build_parser
+
+    text = build_parser().format_help()
+    assert "``" not in text and ":func:" not in text and "DetailFusion composed image retrieval" in text
