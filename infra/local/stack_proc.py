@@ -52,6 +52,19 @@ def _stat(pid: int | str) -> tuple[int, int] | None:
     return int(fields[2]), int(fields[19])
 
 
+def _ancestors(pid: int) -> list[int]:
+    """Parent, grandparent, ... of ``pid`` (up to init)."""
+    chain = []
+    while pid > 1 and len(chain) < 64:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        chain.append(pid)
+    return chain
+
+
 def _start_time(pid: int) -> int | None:
     found = _stat(pid)
     return found[1] if found else None
@@ -172,7 +185,8 @@ def stop_all(items: list[tuple[dict | None, Path | None, signal.Signals, bool]],
 
 def strays(home: Path, by_cmdline: bool = False, groups: set[int] = frozenset()) -> list[int]:
     """PIDs of live processes started for ``home`` (environment marker; with ``by_cmdline`` also
-    any process whose command line names ``home``), except members of the process ``groups``."""
+    any process whose command line names ``home``), except members of the process ``groups`` and
+    their descendants (e.g. PostgreSQL's backends, which start their own sessions)."""
     marker = f"{HOME_VAR}={home}".encode()
     found = []
     for proc in Path("/proc").iterdir():
@@ -183,8 +197,8 @@ def strays(home: Path, by_cmdline: bool = False, groups: set[int] = frozenset())
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        found = _stat(proc.name)
-        if found is None or found[0] in groups:
+        pstat = _stat(proc.name)
+        if pstat is None or pstat[0] in groups or set(_ancestors(int(proc.name))) & set(groups):
             continue
         if marker in environ.split(b"\0") or (by_cmdline and str(home).encode() in cmdline):
             found.append(int(proc.name))
