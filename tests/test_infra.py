@@ -163,6 +163,28 @@ def test_broken_state_file_is_named(tmp_path):
                                                f"(char 1)); fix or delete it"]  # fmt: skip
 
 
+def test_strays_are_only_this_homes_processes_and_kill_strays_spares_the_rest(tmp_path):
+    """Processes carry their stack home in the environment: ``kill_strays`` stops exactly those
+    not in a known process group (and not their descendants), never another program."""
+    home, other = tmp_path / "home", tmp_path / "other"
+    env = {**os.environ, stack.proc.HOME_VAR: str(home)}
+    mine = subprocess.Popen(["sleep", "60"], env=env, start_new_session=True)
+    known = subprocess.Popen(["sleep", "60"], env=env, start_new_session=True)
+    theirs = subprocess.Popen(["sleep", "60"], env={**os.environ, stack.proc.HOME_VAR: str(other)})
+    unmarked = subprocess.Popen(["sleep", "60"])
+    try:
+        assert stack.proc.strays(home, groups={known.pid}) == [mine.pid]
+        assert sorted(stack.proc.strays(home)) == sorted([mine.pid, known.pid])
+        assert stack.proc.strays(other) == [theirs.pid]
+        assert stack.proc.kill_strays(home) == sorted([mine.pid, known.pid])
+        assert mine.wait(timeout=10) == -9 and known.wait(timeout=10) == -9
+        assert theirs.poll() is None and unmarked.poll() is None
+    finally:
+        for proc in (mine, known, theirs, unmarked):
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.integration
 def test_a_service_that_dies_names_its_log(tmp_path):
     home = tmp_path / "home"

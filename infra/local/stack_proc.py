@@ -202,7 +202,7 @@ def strays(home: Path, by_cmdline: bool = False, groups: set[int] = frozenset())
             continue
         if marker in environ.split(b"\0") or (by_cmdline and str(home).encode() in cmdline):
             found.append(int(proc.name))
-    return found
+    return sorted(found)
 
 
 def kill_strays(home: Path) -> list[int]:
