@@ -161,6 +161,9 @@ def test_changed_model_or_gallery_content_invalidates_the_cache(world, model_dir
     third = _run(replace(cfg, model=str(other)))
     assert third["gallery"]["cache_invalidated"] is True and third["gallery"]["shards_embedded"] == 3
     assert third["model"]["identity"] != first["model"]["identity"]
+    # so does another embedding precision
+    fourth = _run(replace(cfg, model=str(other), embed_dtype="bf16"))
+    assert fourth["gallery"]["cache_invalidated"] is True and fourth["gallery"]["shards_reused"] == 0
 
 
 def test_unreadable_gallery_image_and_missing_reference_become_error_rows(world, model_dir, tmp_path):

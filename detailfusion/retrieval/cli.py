@@ -26,7 +26,8 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         gallery_format=args.gallery_format, split=args.split, category=args.category or "",
         query_image_root=args.query_image_root, work_dir=args.work_dir, top_k=args.top_k, index=args.index,
         nlist=args.nlist, pq_m=args.pq_m, nprobe=args.nprobe, recall_sample=args.recall_sample,
-        shard_size=args.shard_size, batch_size=args.batch_size, device=args.device, image_size=args.image_size,
+        shard_size=args.shard_size, batch_size=args.batch_size, device=args.device, embed_dtype=args.embed_dtype,
+        search_dtype=args.search_dtype, image_size=args.image_size,
         target_ratio=args.target_ratio, exclude_reference=args.exclude_reference, on_error=args.on_error,
         report_samples=args.report_samples, report_top_k=args.report_top_k,
         endpoint_url=args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None, seed=args.seed,
@@ -74,7 +75,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                                                    "(approximate indexes)")
     p.add_argument("--shard-size", type=int, default=4096, help="gallery images per embedding shard")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N], for embedding and exact search")
+    p.add_argument("--embed-dtype", choices=["fp32", "bf16", "fp16"], help="embed under autocast (GPU: bf16)")
+    p.add_argument("--search-dtype", choices=["fp32", "bf16", "fp16"], help="exact search precision (CUDA only)")
     p.add_argument("--image-size", type=int, help="decode size for image files (default: the model's setting)")
     p.add_argument("--target-ratio", type=float, help="targetpad ratio (default: the model's setting)")
     p.add_argument("--exclude-reference", default="auto", choices=["auto", "yes", "no"],

@@ -37,6 +37,19 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": None, "float32": None}
+
+
+def autocast_dtype(name: str | None) -> torch.dtype | None:
+    """``"bf16"``/``"fp16"`` -> the torch dtype to autocast to; None/``"fp32"`` -> None (full precision)."""
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"embedding dtype {name!r}: choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()

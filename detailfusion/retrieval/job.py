@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from detailfusion.errors import DetailFusionError
-from detailfusion.retrieval.embed import encode_queries, pixels_from_bytes
+from detailfusion.retrieval.embed import autocast_dtype, encode_queries, pixels_from_bytes
 from detailfusion.retrieval.storage import check_reachable, is_remote, join, local_path, read_bytes
 
 INDEX_KINDS = ("exact", "flat", "ivf_flat", "ivf_pq")
@@ -51,6 +51,8 @@ class RetrieveConfig:
     shard_size: int = 4096
     batch_size: int = 256
     device: str = "cpu"
+    embed_dtype: str | None = None  # bf16 | fp16: embed under autocast (GPU); part of the shard cache key
+    search_dtype: str | None = None  # fp16 | bf16: exact search in half precision (CUDA only)
     image_size: int | None = None
     target_ratio: float | None = None
     exclude_reference: str = "auto"  # auto (CIRR-format queries) | yes | no
@@ -65,6 +67,10 @@ class RetrieveConfig:
             raise DetailFusionError(f"--index {self.index!r}: choose from {list(INDEX_KINDS)}")
         if self.exclude_reference not in ("auto", "yes", "no"):
             raise DetailFusionError(f"--exclude-reference {self.exclude_reference!r}: choose auto, yes or no")
+        if self.embed_dtype not in (None, "fp32", "bf16", "fp16"):
+            raise DetailFusionError(f"--embed-dtype {self.embed_dtype!r}: choose fp32, bf16 or fp16")
+        if self.search_dtype not in (None, "fp32", "bf16", "fp16"):
+            raise DetailFusionError(f"--search-dtype {self.search_dtype!r}: choose fp32, bf16 or fp16")
         if self.on_error not in ("record", "fail"):
             raise DetailFusionError(f"--on-error {self.on_error!r}: choose record or fail")
         for name in ("top_k", "shard_size", "batch_size", "nprobe", "recall_sample"):
@@ -118,7 +124,7 @@ def run_retrieval(cfg: RetrieveConfig, *, tracking=None, registry=None, params: 
     work = default_work_dir(cfg)
     emb = embed_gallery_shards(model, gallery, work, model_identity=resolved.identity, image_size=size,
                                target_ratio=ratio, shard_size=cfg.shard_size, batch_size=cfg.batch_size,
-                               progress=progress)
+                               dtype=cfg.embed_dtype, progress=progress)
     timings["embed_gallery_s"] = time.perf_counter() - t
     errors = [emb.errors]
     if len(emb.errors) and cfg.on_error == "fail":
@@ -207,7 +213,8 @@ def _embed_queries(model, gallery, queries, size: int, ratio: float, cfg: Retrie
 
     def flush() -> None:
         rows = [r for r, _ in pending]
-        out = encode_queries(model, np.stack([p for _, p in pending]), [texts[r] for r in rows], keys=("query",))
+        out = encode_queries(model, np.stack([p for _, p in pending]), [texts[r] for r in rows], keys=("query",),
+                             dtype=autocast_dtype(cfg.embed_dtype))
         parts.append(out["query"])
         ok.extend(rows)
         pending.clear()

@@ -20,7 +20,8 @@ def run_search(queries: np.ndarray, gallery: np.ndarray, cfg, exclude: np.ndarra
     if len(queries) == 0:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), info
     if cfg.index == "exact":
-        scores, idx = exact_search(queries, gallery, k, device=cfg.device, exclude=exclude)
+        dtype = None if cfg.search_dtype in (None, "fp32") else cfg.search_dtype
+        scores, idx = exact_search(queries, gallery, k, device=cfg.device, dtype=dtype, exclude=exclude)
         return np.asarray(scores), np.asarray(idx), info
     index = build_index(gallery, cfg.index, nlist=cfg.nlist, pq_m=cfg.pq_m, seed=cfg.seed)
     scores, idx = index.search(queries, k, nprobe=cfg.nprobe, exclude=exclude)

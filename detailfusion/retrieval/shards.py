@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from detailfusion.errors import DetailFusionError
 from detailfusion.fsutil import write_json_atomic
-from detailfusion.retrieval.embed import encode_images, pixels_from_bytes
+from detailfusion.retrieval.embed import autocast_dtype, encode_images, pixels_from_bytes
 
 CACHE_FILE = "cache.json"
 CACHE_FORMAT = 1
@@ -127,22 +127,25 @@ def _drop_partial_writes(cache: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def cache_key(model_identity: str, image_size: int, target_ratio: float, shard_size: int, embed_dim: int) -> dict:
+def cache_key(model_identity: str, image_size: int, target_ratio: float, shard_size: int, embed_dim: int,
+              dtype: str | None = None) -> dict:
     return {"format": CACHE_FORMAT, "model": model_identity, "image_size": int(image_size),
-            "target_ratio": float(target_ratio), "shard_size": int(shard_size), "embed_dim": int(embed_dim)}
+            "target_ratio": float(target_ratio), "shard_size": int(shard_size), "embed_dim": int(embed_dim),
+            "dtype": dtype or "fp32"}
 
 
 def embed_gallery_shards(model, gallery, cache: str | Path, *, model_identity: str, image_size: int,
                          target_ratio: float, shard_size: int = 10_000, batch_size: int = 256,
-                         readers: int = 8, progress: bool = True) -> GalleryEmbeddings:
+                         readers: int = 8, dtype: str | None = None, progress: bool = True) -> GalleryEmbeddings:
     """Embed ``gallery`` (:class:`~detailfusion.retrieval.inputs.Gallery`) into ``cache`` shard by shard.
 
     Images that cannot be read or decoded become error rows (``errors``), never silent drops.
+    ``dtype`` (``bf16``/``fp16``) embeds under autocast; it is part of the cache key.
     """
     if shard_size < 1 or batch_size < 1:
         raise DetailFusionError(f"shard_size and batch_size must be >= 1 (got {shard_size}, {batch_size})")
     cache = Path(cache)
-    key = cache_key(model_identity, image_size, target_ratio, shard_size, model.embed_dim)
+    key = cache_key(model_identity, image_size, target_ratio, shard_size, model.embed_dim, dtype)
     invalidated = _open_cache(cache, key)
     _drop_partial_writes(cache)
     n = len(gallery)
@@ -168,7 +171,8 @@ def embed_gallery_shards(model, gallery, cache: str | Path, *, model_identity: s
                     stats["shards_reused"] += 1
                 else:
                     start = time.perf_counter()
-                    emb, meta, errors = _embed_shard(model, gallery, rows, raws, image_size, target_ratio, batch_size)
+                    emb, meta, errors = _embed_shard(model, gallery, rows, raws, image_size, target_ratio, batch_size,
+                                                        autocast_dtype(dtype))
                     _write_shard(cache, i, emb, meta, errors, digest)
                     stats["embed_seconds"] += time.perf_counter() - start
                     stats["shards_embedded"] += 1
@@ -203,7 +207,7 @@ def _digest(gallery, rows: range, raws: list) -> str:
     return h.hexdigest()
 
 
-def _embed_shard(model, gallery, rows: range, raws: list, size: int, ratio: float, batch_size: int):
+def _embed_shard(model, gallery, rows: range, raws: list, size: int, ratio: float, batch_size: int, dtype=None):
     pixels, keep, errors = [], [], []
     for r, raw in zip(rows, raws, strict=True):
         try:
@@ -215,7 +219,8 @@ def _embed_shard(model, gallery, rows: range, raws: list, size: int, ratio: floa
         except DetailFusionError as exc:
             errors.append({"kind": "gallery", "item_id": gallery.ids[r], "source": gallery.sources[r],
                            "error": str(exc)})
-    parts = [encode_images(model, np.stack(pixels[s : s + batch_size])) for s in range(0, len(pixels), batch_size)]
+    parts = [encode_images(model, np.stack(pixels[s : s + batch_size]), dtype=dtype)
+             for s in range(0, len(pixels), batch_size)]
     emb = np.concatenate([p.numpy() for p in parts]) if parts else np.zeros((0, model.embed_dim), np.float32)
     meta = pd.DataFrame({"image_id": [gallery.ids[r] for r in keep], "image_path": [gallery.sources[r] for r in keep],
                          "gallery_position": np.asarray(keep, dtype=np.int64)})
