@@ -15,12 +15,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from services import skip_reason, stack
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 STACK_CLI = INFRA / "local" / "stack"
 PLACEHOLDER = re.compile(r"\{\{\s*([\w.]+)\s*\}\}")
+
+
+def _stack():
+    """infra/local/stack.py as loaded by tests/services.py (imported lazily: the other test
+    modules register ``services`` as a pytest plugin first)."""
+    from services import stack
+
+    return stack
 
 
 # --------------------------------------------------------------------------- compose
@@ -130,8 +137,8 @@ def test_gpu_job_template_exposes_gpus_node_selector_and_tolerations():
 
 
 def test_unknown_service_is_one_clear_error(tmp_path):
-    with pytest.raises(stack.StackError, match=r"unknown service\(s\) mlfow; choose from postgres,s3,mlflow"):
-        stack.up(tmp_path / "home", ["mlfow"])
+    with pytest.raises(_stack().StackError, match=r"unknown service\(s\) mlfow; choose from postgres,s3,mlflow"):
+        _stack().up(tmp_path / "home", ["mlfow"])
 
 
 def test_busy_port_names_the_service_and_port(tmp_path):
@@ -142,15 +149,15 @@ def test_busy_port_names_the_service_and_port(tmp_path):
         port = busy.getsockname()[1]
         home.mkdir()
         (home / "stack.json").write_text(json.dumps({"ports": {"s3": port}, "services": ["s3"]}))
-        with pytest.raises(stack.StackError, match=rf"s3: port {port} on 127.0.0.1 is already in use"):
-            stack.up(home, ["s3"])
+        with pytest.raises(_stack().StackError, match=rf"s3: port {port} on 127.0.0.1 is already in use"):
+            _stack().up(home, ["s3"])
     assert not (home / "run").exists()  # nothing was started
 
 
 def test_missing_postgres_binaries_say_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(stack.svc, "postgres_bin", lambda: None)
-    with pytest.raises(stack.StackError, match=r"postgres: .*run `apt-get install postgresql`"):
-        stack.up(tmp_path / "home", ["postgres"])
+    monkeypatch.setattr(_stack().svc, "postgres_bin", lambda: None)
+    with pytest.raises(_stack().StackError, match=r"postgres: .*run `apt-get install postgresql`"):
+        _stack().up(tmp_path / "home", ["postgres"])
 
 
 def test_broken_state_file_is_named(tmp_path):
@@ -167,16 +174,16 @@ def test_strays_are_only_this_homes_processes_and_kill_strays_spares_the_rest(tm
     """Processes carry their stack home in the environment: ``kill_strays`` stops exactly those
     not in a known process group (and not their descendants), never another program."""
     home, other = tmp_path / "home", tmp_path / "other"
-    env = {**os.environ, stack.proc.HOME_VAR: str(home)}
+    env = {**os.environ, _stack().proc.HOME_VAR: str(home)}
     mine = subprocess.Popen(["sleep", "60"], env=env, start_new_session=True)
     known = subprocess.Popen(["sleep", "60"], env=env, start_new_session=True)
-    theirs = subprocess.Popen(["sleep", "60"], env={**os.environ, stack.proc.HOME_VAR: str(other)})
+    theirs = subprocess.Popen(["sleep", "60"], env={**os.environ, _stack().proc.HOME_VAR: str(other)})
     unmarked = subprocess.Popen(["sleep", "60"])
     try:
-        assert stack.proc.strays(home, groups={known.pid}) == [mine.pid]
-        assert sorted(stack.proc.strays(home)) == sorted([mine.pid, known.pid])
-        assert stack.proc.strays(other) == [theirs.pid]
-        assert stack.proc.kill_strays(home) == sorted([mine.pid, known.pid])
+        assert _stack().proc.strays(home, groups={known.pid}) == [mine.pid]
+        assert sorted(_stack().proc.strays(home)) == sorted([mine.pid, known.pid])
+        assert _stack().proc.strays(other) == [theirs.pid]
+        assert _stack().proc.kill_strays(home) == sorted([mine.pid, known.pid])
         assert mine.wait(timeout=10) == -9 and known.wait(timeout=10) == -9
         assert theirs.poll() is None and unmarked.poll() is None
     finally:
@@ -188,7 +195,7 @@ def test_strays_are_only_this_homes_processes_and_kill_strays_spares_the_rest(tm
 @pytest.mark.integration
 def test_a_service_that_dies_names_its_log(tmp_path):
     home = tmp_path / "home"
-    stack.Stack(home).save()
+    _stack().Stack(home).save()
     state = json.loads((home / "stack.json").read_text())
     state["settings"]["mlflow_backend"] = "bogus-scheme://nowhere"
     (home / "stack.json").write_text(json.dumps(state))
@@ -196,7 +203,7 @@ def test_a_service_that_dies_names_its_log(tmp_path):
         res = subprocess.run([str(STACK_CLI), "up", "--home", str(home), "--services", "mlflow"],
                              capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
     finally:
-        stack.down(home)
+        _stack().down(home)
     assert res.returncode == 1
     (line,) = res.stderr.strip().splitlines()
     assert line.startswith("error: mlflow: exited with code") and line.endswith(f"see {home / 'logs' / 'mlflow.log'}")
@@ -238,18 +245,20 @@ def _processes_naming(text: str) -> list[str]:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_full_stack_up_twice_status_workers_and_clean_down(tmp_path):
+    from services import skip_reason
+
     reason = skip_reason(None)
     if reason:
         pytest.skip(reason)
     home = tmp_path / "stack-home"
     try:
-        first = stack.up(home)
+        first = _stack().up(home)
         pids = {p["name"]: p["pid"] for p in first["processes"]}
         assert set(pids) == {"postgres", "s3", "mlflow", "prefect", "worker-cpu", "worker-gpu"}
         assert first["healthy"], first
 
         # A second up keeps everything as it is.
-        second = stack.up(home)
+        second = _stack().up(home)
         assert {p["name"]: p["pid"] for p in second["processes"]} == pids and second["healthy"]
 
         # The CLI agrees: exit code 0 and the same processes as JSON.
@@ -259,7 +268,7 @@ def test_full_stack_up_twice_status_workers_and_clean_down(tmp_path):
         report = json.loads(res.stdout)
         assert {p["name"]: p["pid"] for p in report["processes"]} == pids and report["strays"] == []
 
-        env = stack.read_env(home)
+        env = _stack().read_env(home)
         assert env["DVC_REMOTE_URL"] == "s3://detailfusion/dvc" and env["PREFECT_HOME"] == str(home / "prefect")
         # A worker of each pool is online; the gpu pool runs one flow at a time.
         for pool in ("cpu", "gpu"):
@@ -269,14 +278,14 @@ def test_full_stack_up_twice_status_workers_and_clean_down(tmp_path):
             gpu_pool = json.loads(resp.read())
         assert gpu_pool["type"] == "process" and gpu_pool["concurrency_limit"] == 1
         # The bucket exists on the S3 endpoint; MLflow answers and keeps data in PostgreSQL.
-        s3 = stack.svc.s3_client(stack.Stack(home))
+        s3 = _stack().svc.s3_client(_stack().Stack(home))
         assert "detailfusion" in {b["Name"] for b in s3.list_buckets()["Buckets"]}
         assert env["AWS_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"]
         made = _post(f"{env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/create", {"name": "infra-check"})
         assert made["experiment_id"]
         import psycopg2
 
-        st = stack.Stack(home)
+        st = _stack().Stack(home)
         con = psycopg2.connect(host="127.0.0.1", port=st.port("postgres"), user="postgres", dbname="mlflow")
         try:
             with con.cursor() as cur:
@@ -286,14 +295,14 @@ def test_full_stack_up_twice_status_workers_and_clean_down(tmp_path):
             con.close()
         pg_dir = st.settings["pg_dir"]
     finally:
-        stack.down(home)
+        _stack().down(home)
 
     for name, pid in pids.items():
         assert not _group_alive(pid), f"{name} (process group {pid}) still running"
     assert _processes_naming(str(home)) == [] and _processes_naming(pg_dir) == []
-    assert stack.proc.strays(home) == []
+    assert _stack().proc.strays(home) == []
     assert not list((home / "run").glob("*.pid"))
-    after = stack.status(home)
+    after = _stack().status(home)
     assert not after["healthy"] and all(not p["running"] for p in after["processes"])
-    stack.down(home, purge=True)  # idempotent; deletes the data, keeps the logs
+    _stack().down(home, purge=True)  # idempotent; deletes the data, keeps the logs
     assert sorted(p.name for p in home.iterdir()) == ["logs"] and not Path(pg_dir).exists()
