@@ -249,3 +249,34 @@ def test_suite_as_dvc_experiments_one_variant_failing(repo, tmp_path):  # noqa: 
     rerun = json.loads((root / "metrics" / "ablations.json").read_text())
     assert rerun["runs"]["abl-gm_only-s0"] == {**summary["runs"]["abl-gm_only-s0"], "status": "reused"}
     assert rerun["variants"]["gm_only"] == summary["variants"]["gm_only"]
+
+
+def test_suite_parent_and_summary_in_mlflow(tmp_path):
+    """The suite's parent run (a local store): summary metrics, tags, files, FAILED when a run
+    failed; an id that names no run is one clear ConfigError."""
+    from mlflow import MlflowClient
+
+    from detailfusion.experiments.tracking import log_suite_summary, suite_parent
+    from detailfusion.tracking import TrackingConfig
+
+    cfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", system_metrics=False, retries=0)
+    parent = suite_parent(cfg, "cirr", repo_root=tmp_path)
+    assert parent.owned and parent.run_id
+    summary = summarize({"abl-full-s0": _eval(10.0), "abl-full-s1": _eval(14.0)})
+    table = tmp_path / "ablations.md"
+    table.write_text(markdown_table(summary))
+    assert log_suite_summary(parent, summary, {"abl-gm_only-s0": "exit 1: boom"},
+                             experiments=["abl-full-s0", "abl-full-s1", "abl-gm_only-s0"], files=[table])
+    client = MlflowClient(cfg.tracking_uri)
+    run = client.get_run(parent.run_id)
+    assert run.info.status == "FAILED" and run.info.run_name == "ablation-suite"
+    assert run.data.metrics["full/R_at_1"] == 12.0 and run.data.metrics["full/n_seeds"] == 2.0
+    assert run.data.tags["ablation.failed"] == "abl-gm_only-s0"
+    assert run.data.tags["ablation.experiments"] == "abl-full-s0,abl-full-s1,abl-gm_only-s0"
+    assert {a.path for a in client.list_artifacts(parent.run_id, "ablations")} == {
+        "ablations/ablations.md", "ablations/failed.json"}
+    # an existing run (a flow's) is attached to, not owned: its status stays with its owner
+    attached = suite_parent(cfg, "cirr", run_id=parent.run_id, repo_root=tmp_path)
+    assert not attached.owned and attached.run_id == parent.run_id
+    with pytest.raises(ConfigError, match="'nope'.*not a run in MLflow"):
+        suite_parent(cfg, "cirr", run_id="nope", repo_root=tmp_path)

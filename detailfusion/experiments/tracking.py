@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from detailfusion.config import load_section
-from detailfusion.tracking import PipelineRun, TrackingConfig, TrackingSession, lineage_tags, mlflow_key
+from detailfusion.errors import ConfigError
+from detailfusion.tracking import (
+    PIPELINE_RUN_ENV,
+    PipelineRun,
+    TrackingConfig,
+    TrackingSession,
+    lineage_tags,
+    mlflow_key,
+)
 from detailfusion.tracking.runs import MLFLOW_RUN_NAME, TAG_RUN_KIND, _Offline
 
 log = logging.getLogger(__name__)
@@ -43,7 +51,13 @@ def suite_parent(cfg: TrackingConfig, dataset: str, *, run_id: str | None = None
         return PipelineRun(session, run_id, None, RUN_KIND, owned=False)
     try:
         if run_id:
-            run = session.call("get ablation parent run", session.client.get_run, run_id)
+            from mlflow.exceptions import MlflowException
+
+            try:
+                run = session.call("get ablation parent run", session.client.get_run, run_id)
+            except MlflowException as exc:  # a rejected request: the id names no run in this store
+                raise ConfigError(f"ablation parent run {run_id!r} (--parent-run-id or ${PIPELINE_RUN_ENV}): "
+                                  f"not a run in MLflow at {session.tracking_uri}: {exc.message}") from None
             return PipelineRun(session, run_id, run.info.experiment_id, RUN_KIND, owned=False)
         experiment_id = session.ensure_experiment(dataset)
         tags = {TAG_RUN_KIND: RUN_KIND, MLFLOW_RUN_NAME: run_name,
