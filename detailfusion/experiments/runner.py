@@ -180,6 +180,8 @@ def run_suite(repo_dir: str | Path = ".", *, variants: list[str] | None = None, 
         parent = suite_parent(cfg, dataset, run_id=parent_run_id or os.environ.get(PIPELINE_RUN_ENV) or None,
                               repo_root=repo)  # fmt: skip
     env = dict(os.environ)
+    # the stages' `detailfusion` commands, also when this venv is not activated
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if parent is not None and parent.run_id:
         env[PIPELINE_RUN_ENV] = parent.run_id
 
