@@ -252,6 +252,13 @@ def test_full_stack_up_twice_status_workers_and_clean_down(tmp_path):
         pytest.skip(reason)
     home = tmp_path / "stack-home"
     try:
+        _up_twice_check_and_down(home)
+    finally:  # also after a failure: no process and no PostgreSQL cluster left behind
+        _stack().down(home, purge=True)
+
+
+def _up_twice_check_and_down(home: Path) -> None:
+    try:
         first = _stack().up(home)
         pids = {p["name"]: p["pid"] for p in first["processes"]}
         assert set(pids) == {"postgres", "s3", "mlflow", "prefect", "worker-cpu", "worker-gpu"}
