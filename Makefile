@@ -40,7 +40,7 @@ test: install-test
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: install-test
-	$(BIN)/ruff check detailfusion flows tests bench
+	$(BIN)/ruff check detailfusion flows tests bench infra
 
 clean-outputs:
 	rm -rf data/synthetic data/prepared models metrics reports plots
