@@ -126,6 +126,14 @@ class Stack:
         _run(["dvc", "remote", "modify", "--local", "s3", "endpointurl", self.env["AWS_ENDPOINT_URL"]], dest, self.env)
         return dest
 
+    def s3(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"],
+                            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+                            region_name=self.env.get("AWS_DEFAULT_REGION", "us-east-1"))  # fmt: skip
+
     def mlflow(self):
         from mlflow import MlflowClient
 
@@ -167,9 +175,8 @@ def stack(tmp_path_factory, real_params):
             pass
         stack_mod.down(home)
         report = stack_mod.status(home)
-        running = {k: v for k, v in (report.get("services") or report).items()
-                   if isinstance(v, dict) and v.get("pid") and v.get("state") not in (None, "stopped", "down")}
-        assert not running, f"stack down left processes running: {running}"
+        running = [r["name"] for r in report["processes"] if r["running"]]
+        assert not running and not report["strays"], f"stack down left processes: {running} {report['strays']}"
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +200,7 @@ def started(stack, overrides, real_params, tmp_path_factory) -> dict:
     image = sorted((broken / "cirr").rglob("*.png"))[0]
     image.write_bytes(image.read_bytes()[:100])
     ids["broken"] = stack.start("pipeline/default", {"overrides": {**overrides, "data.root": str(broken)}})
-    ids["broken_image"] = image.name
+    ids["broken_image"] = image.stem  # the validation summary names the image id (file name without suffix)
     ids["ablations"] = stack.start("ablations/suite", {
         "variants": ["full", "gm_only"], "seeds": [0], "overrides": overrides,
         # an impossible setting for one variant only: its stage 1 refuses to start
@@ -208,7 +215,7 @@ def pipeline_run(stack, started) -> dict:
 
 
 def _exp_name(stack: Stack, prefix: str) -> list[str]:
-    out = _run(["dvc", "exp", "list", "origin", "--name-only"], stack.origin, stack.env).stdout.split()
+    out = _run(["dvc", "exp", "list", "--all-commits", "--name-only"], stack.origin, stack.env).stdout.split()
     return sorted(n for n in out if n.startswith(prefix))
 
 
@@ -227,9 +234,7 @@ def test_pipeline_end_to_end(stack, pipeline_run):
     for n in (1, 2, 3):
         assert (clone / "models" / f"stage{n}" / "model" / "model.safetensors").is_file()
     assert (clone / "data" / "prepared" / "cirr" / "queries.parquet").is_file()
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=stack.env["AWS_ENDPOINT_URL"])
+    s3 = stack.s3()
     bucket, _, prefix = stack.env["DVC_REMOTE_URL"].removeprefix("s3://").partition("/")
     assert s3.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")["KeyCount"] > 0
     params = yaml.safe_load((clone / "params.yaml").read_text())
@@ -282,10 +287,7 @@ def test_promotion_event_triggers_batch_retrieval(stack, pipeline_run):
     run = stack.wait(runs[0]["id"])
     assert run["state_type"] == "COMPLETED", stack.logs([run["id"]])[-3000:]
     assert str(run["parameters"]["version"]) == str(champion)
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=stack.env["AWS_ENDPOINT_URL"])
-    listed = s3.list_objects_v2(Bucket=stack.env["DETAILFUSION_S3_BUCKET"],
+    listed = stack.s3().list_objects_v2(Bucket=stack.env["DETAILFUSION_S3_BUCKET"],
                                 Prefix=f"retrieval/detailfusion-cirr/v{champion}/")  # fmt: skip
     assert listed["KeyCount"] > 0
 
