@@ -285,3 +285,16 @@ def test_sigkilled_run_reruns_to_the_uninterrupted_result(world, model_dir, tmp_
     _run(_cfg(world, model_dir, tmp_path / "clean"))
     pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"),
                                   pd.read_parquet(tmp_path / "clean" / "results.parquet"))
+
+
+def test_approximate_index_reports_recall_against_exact(world, model_dir, tmp_path):
+    exact = _run(_cfg(world, model_dir, tmp_path / "exact", report_samples=1))
+    approx = _run(_cfg(world, model_dir, tmp_path / "ivf", index="ivf_flat", nlist=2, nprobe=2, recall_sample=20,
+                       report_samples=1))
+    assert exact["index"] == {"kind": "exact", "k": 50}
+    info = approx["index"]
+    assert (info["kind"], info["nlist"], info["nprobe"], info["recall_sample"]) == ("ivf_flat", 2, 2, 20)
+    assert info["recall_at_k_vs_exact"] == 1.0  # every list probed: the exact answer
+    a = pd.read_parquet(tmp_path / "ivf" / "results.parquet")
+    e = pd.read_parquet(tmp_path / "exact" / "results.parquet")
+    pd.testing.assert_frame_equal(a[["query_id", "rank", "image_id"]], e[["query_id", "rank", "image_id"]])
