@@ -21,6 +21,7 @@ from detailfusion.experiments import (
     MULTI_SEED,
     VARIANT_ORDER,
     AblationRun,
+    collect_from_dvc,
     error_lines,
     exp_run_command,
     markdown_table,
@@ -137,6 +138,16 @@ def test_parse_exp_show_dvc3_schema():
     assert got["abl-full-s1"]["rev"] == "rev-abl-full-s1" and got["abl-full-s1"]["baseline"] == "base1"
     assert list(parse_exp_show(doc, ["pipeline-x"])) == ["pipeline-x"]
 
+    # eval.json is an output, not a DVC metric: the result is read from the experiment's commit
+    for baseline in doc:
+        for exp in baseline.get("experiments") or []:
+            for r in exp["revs"]:
+                r["data"]["metrics"] = {"metrics/headline.json": {"data": {"R@1": 0.0}}}
+    assert parse_exp_show(doc) == {}
+    files = {("rev-abl-full-s1", "metrics/eval.json"): json.dumps({"cirr": _eval(7.0)})}
+    got = parse_exp_show(doc, read_file=lambda rev, path: files.get((rev, path)))
+    assert list(got) == ["abl-full-s1"] and got["abl-full-s1"]["metrics"]["R@1"] == 7.0
+
 
 def test_error_lines_pick_the_errors():
     out = ("Running stage 'stage1_detail':\n> detailfusion --quiet train stage1_detail\n"
@@ -205,14 +216,13 @@ def test_suite_as_dvc_experiments_one_variant_failing(repo, tmp_path):  # noqa: 
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], root, env).stdout)
     names = {e["name"] for b in shown for e in (b.get("experiments") or [])}
     assert "abl-gm_only-s0" in names and "abl-di_only-s0" not in names
-    exp = parse_exp_show(shown, ["abl-gm_only-s0"])["abl-gm_only-s0"]
-    assert exp["variant"] == "gm_only"
+    exp = collect_from_dvc(root, ["abl-gm_only-s0"], dvc=str(BIN / "dvc"))["abl-gm_only-s0"]  # eval.json read from the exp commit
+    assert exp["variant"] == "gm_only" and exp["baselines"]
     assert exp["metrics"]["R@1"] == pytest.approx(summary["variants"]["gm_only"]["R@1"], abs=1e-3)
     # a fresh clone sees it after dvc exp pull (pushed by the suite)
     clone = tmp_path / "clone"
     _run(["git", "clone", "-q", "-b", "main", str(tmp_path / "origin.git"), str(clone)], tmp_path, env)
     _run(["dvc", "exp", "pull", "origin", "abl-gm_only-s0"], clone, env)
-    from detailfusion.experiments import collect_from_dvc
 
     assert collect_from_dvc(clone, ["abl-gm_only-s0"], dvc=str(BIN / "dvc"))["abl-gm_only-s0"]["metrics"] == exp["metrics"]
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from detailfusion.eval.metrics import EvalInputError
-from detailfusion.eval.plots import recall_curve_rows, write_recall_curves
+from detailfusion.eval.plots import SERIES, recall_curve_rows, write_edit_type_breakdown, write_recall_curves
 from detailfusion.eval.report import ReportSample, write_retrieval_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -20,24 +20,32 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def test_recall_curves_csv_and_png(tmp_path):
     curves = {
-        "fused": {10: 74.0, 1: 26.8, 50: 93.6, 5: 60.4},
-        "pixel": {1: 10.0, 5: 65.4, 10: 71.4, 50: 77.0},
+        "model": {10: 74.0, 1: 26.8, 50: 93.6, 5: 60.4},
+        "pixel_reference": {1: 10.0, 5: 65.4, 10: 71.4, 50: 77.0},
     }
     csv_path, png_path = write_recall_curves(
         curves, tmp_path / "plots" / "recall.csv", tmp_path / "plots" / "recall.png"
     )
     with csv_path.open(newline="") as fh:
         reader = csv.DictReader(fh)
-        assert reader.fieldnames == ["variant", "k", "recall"]
+        # wide: one column per series (every known series, empty where absent) so DVC draws one line each
+        assert reader.fieldnames == ["k", *SERIES]
         rows = list(reader)
-    assert [(r["variant"], int(r["k"]), float(r["recall"])) for r in rows] == [
-        ("fused", 1, 26.8), ("fused", 5, 60.4), ("fused", 10, 74.0), ("fused", 50, 93.6),
-        ("pixel", 1, 10.0), ("pixel", 5, 65.4), ("pixel", 10, 71.4), ("pixel", 50, 77.0),
+    assert [(int(r["k"]), r["model"], r["pixel_reference"], r["gm"]) for r in rows] == [
+        (1, "26.8", "10.0", ""), (5, "60.4", "65.4", ""), (10, "74.0", "71.4", ""), (50, "93.6", "77.0", ""),
     ]  # fmt: skip
     assert png_path.read_bytes()[:8] == PNG_MAGIC
     assert Image.open(png_path).size == (600, 400)
     only_csv, no_png = write_recall_curves({"a": {1: 5.0}}, tmp_path / "only.csv")
-    assert no_png is None and only_csv.read_text().splitlines() == ["variant,k,recall", "a,1,5.0"]
+    assert no_png is None and only_csv.read_text().splitlines() == ["k,model,gm,di,reference_only,text_only,pixel_reference,a",
+                                                                    "1,,,,,,,5.0"]
+
+
+def test_edit_type_breakdown_csv(tmp_path):
+    path = write_edit_type_breakdown({"size": {"R@1": 20.8, "Rsub@1": 52.8, "n": 159},
+                                      "colour": {"R@1": 30.0, "Rsub@1": 60.0, "n": 10}}, tmp_path / "e.csv")
+    assert path.read_text().splitlines() == ["edit_type,queries,R@1,Rsub@1", "colour,10,30.0,60.0",
+                                             "size,159,20.8,52.8"]
 
 
 def test_recall_curve_rows_reject_bad_points():

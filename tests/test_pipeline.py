@@ -70,6 +70,16 @@ def test_dvc_repro_end_to_end_then_gated_promotion(repo):
     # a fresh clone's repro leaves nothing for DVC to report
     status = _run(["dvc", "status"], root, env).stdout
     assert "up to date" in status, status
+    # the DVC views people use: a readable metrics table, one plotted line per series
+    table = _run(["dvc", "metrics", "show", "--no-pager"], root, env).stdout
+    assert max(len(line) for line in table.splitlines()) <= 160, table
+    assert "R@1" in table and "Rsub@1" in table and "metrics/headline.json" in table
+    plots = json.loads(_run(["dvc", "plots", "show", "--json", "--split"], root, env).stdout)["data"]
+    (curve,) = plots["Recall@K on the validation split"]
+    dashes = curve["anchor_definitions"]["<DVC_METRIC_STROKE_DASH>"]["scale"]["domain"]
+    assert sorted(dashes) == sorted(["model", "gm", "di", "reference_only", "text_only", "pixel_reference"])
+    (bars,) = plots["Rsub@1 by edit type"]
+    assert len({row["edit_type"] for row in bars["anchor_definitions"]["<DVC_METRIC_DATA>"]}) >= 2
 
     # registry: version 1 is the champion
     listing = _run(["detailfusion", "registry", "list", "--json"], root, env).stdout

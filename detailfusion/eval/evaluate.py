@@ -176,7 +176,7 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: Path, prepared_dir: Path, datas
                  progress: bool = True) -> dict:
     """Evaluate the final model on ``dataset``'s ``cfg.split``; writes metrics, submissions, plots, report."""
     from detailfusion.data.prepared import load_prepared
-    from detailfusion.eval.plots import write_recall_curves
+    from detailfusion.eval.plots import write_edit_type_breakdown, write_recall_curves
     from detailfusion.eval.report import write_retrieval_report
     from detailfusion.eval.submission import metrics_from_submission, write_cirr_submission
     from detailfusion.models.io import load_pretrained
@@ -193,6 +193,7 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: Path, prepared_dir: Path, datas
         summary["branches"] = {k: _round(v["metrics"]) for k, v in res.items() if k != "model"}
         curves = {name: {k: v["metrics"][f"avg/R@{k}"] for k in M.FIQ_KS} for name, v in res.items()}
         write_recall_curves(curves, plots_dir / "recall_curves.csv", plots_dir / "recall_curves.png")
+        write_edit_type_breakdown({}, plots_dir / "by_edit_type.csv")  # FashionIQ has no edit types
         write_json_atomic(out_metrics, {dataset: summary})
         write_json_atomic(out_metrics.with_name("headline.json"), summary["metrics"])
         return summary
@@ -230,6 +231,8 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: Path, prepared_dir: Path, datas
     ks = (1, 5, 10, 50)
     curves = {name: M.recall_at_ks(v["ranked"], q["target"].tolist(), ks) for name, v in variants.items()}
     write_recall_curves(curves, plots_dir / "recall_curves.csv", plots_dir / "recall_curves.png")
+    # always written (header only without edit-type sidecars) so the DVC plot's file exists
+    write_edit_type_breakdown(summary.get("by_edit_type", {}), plots_dir / "by_edit_type.csv")
     write_retrieval_report(reports_dir / "retrieval" / "index.html", _report_samples(res, prepared, cfg.split, cfg),
                            title=f"DetailFusion ({model.variant.name}) on {dataset} {cfg.split}")
     write_json_atomic(out_metrics, {dataset: summary})

@@ -1,7 +1,9 @@
 """Recall@K curves per model variant, as a DVC-plots CSV and a PNG.
 
-The CSV has one row per (variant, K) with columns ``variant,k,recall`` so ``dvc plots show``
-can draw it (``x: k``, ``y: recall``); the PNG is drawn with matplotlib's Agg canvas, which needs
+The CSV is wide: one row per K and one column per series (``k,model,gm,di,reference_only,
+text_only,pixel_reference``), so ``dvc plots show`` draws each series as its own line (``dvc.yaml``
+lists the columns as the plot's ``y``); a series a variant lacks (``di`` of ``gm_only``) is left
+empty. The per-edit-type breakdown is a second CSV for a bar plot. The PNG is drawn with matplotlib's Agg canvas, which needs
 no display and leaves the global backend untouched.
 """
 
@@ -19,7 +21,9 @@ from matplotlib.figure import Figure
 
 from detailfusion.eval.metrics import EvalInputError
 
-CSV_COLUMNS = ("variant", "k", "recall")
+# Every series the evaluate stage can draw, in this column order (dvc.yaml's plot lists them).
+SERIES = ("model", "gm", "di", "reference_only", "text_only", "pixel_reference")
+EDIT_TYPE_COLUMNS = ("edit_type", "queries", "R@1", "Rsub@1")
 
 
 def recall_curve_rows(curves: Mapping[str, Mapping[int, float]]) -> list[dict[str, object]]:
@@ -34,23 +38,48 @@ def recall_curve_rows(curves: Mapping[str, Mapping[int, float]]) -> list[dict[st
     return rows
 
 
+def recall_curve_table(curves: Mapping[str, Mapping[int, float]]) -> tuple[list[str], list[dict[str, object]]]:
+    """``{series: {K: recall}}`` -> (columns, rows) of the wide CSV: ``k`` then one column per series
+    (the known :data:`SERIES` first, in order, then any other), ``""`` where a series has no point."""
+    rows_long = recall_curve_rows(curves)
+    names = [s for s in SERIES if s in curves] + [str(s) for s in curves if s not in SERIES]
+    columns = ["k", *SERIES, *[n for n in names if n not in SERIES]]
+    by_k: dict[int, dict[str, object]] = {}
+    for row in rows_long:
+        by_k.setdefault(int(row["k"]), {c: "" for c in columns} | {"k": int(row["k"])})[str(row["variant"])] = row["recall"]
+    return columns, [by_k[k] for k in sorted(by_k)]
+
+
+def _write_csv_atomic(path: Path, columns: list[str] | tuple[str, ...], rows: list[dict[str, object]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(columns))
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_edit_type_breakdown(by_edit_type: Mapping[str, Mapping[str, float]], out_csv: str | Path) -> Path:
+    """One row per edit type (``edit_type,queries,R@1,Rsub@1``) for DVC's bar plot."""
+    rows = [{"edit_type": name, "queries": int(v.get("n", v.get("queries", 0))), "R@1": v.get("R@1", ""),
+             "Rsub@1": v.get("Rsub@1", "")} for name, v in sorted(by_edit_type.items())]  # fmt: skip
+    out_csv = Path(out_csv)
+    _write_csv_atomic(out_csv, EDIT_TYPE_COLUMNS, rows)
+    return out_csv
+
+
 def write_recall_curves(
     curves: Mapping[str, Mapping[int, float]], out_csv: str | Path, out_png: str | Path | None = None
 ) -> tuple[Path, Path | None]:
     """Write the curves as CSV (and PNG when ``out_png`` is given); returns the written paths."""
-    rows = recall_curve_rows(curves)
+    columns, rows = recall_curve_table(curves)
     out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_csv.parent, prefix=f".{out_csv.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, out_csv)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_csv_atomic(out_csv, columns, rows)
     if out_png is None:
         return out_csv, None
     out_png = Path(out_png)

@@ -28,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,13 +156,16 @@ def dvc_exp_show(repo_dir: str | Path, *, all_commits: bool = False, dvc: str | 
     return doc
 
 
-def parse_exp_show(doc: list[dict], names: list[str] | None = None) -> dict[str, dict]:
+def parse_exp_show(doc: list[dict], names: list[str] | None = None,
+                   read_file: Callable[[str, str], str | None] | None = None) -> dict[str, dict]:
     """The ablation results in a ``dvc exp show --json`` document (DVC 3.x).
 
     Schema: a list of baseline commits ``{rev, name, data, experiments}``; each experiment is
     ``{name, executor, revs: [{rev, name, data: {params, metrics, timestamp}, error}]}`` and
-    ``data.metrics["metrics/eval.json"]["data"]`` is the evaluate stage's JSON
-    (``{dataset: {metrics, baselines, ...}}``). Returns ``{name: result}`` for the experiments in
+    the evaluate stage's JSON (``{dataset: {metrics, baselines, ...}}``) is
+    ``data.metrics["metrics/eval.json"]["data"]`` when ``dvc.yaml`` declares it a metric; it is an
+    output (the headline metrics are the DVC metric), so it is otherwise read from the experiment's
+    commit with ``read_file(rev, path)`` (``git show``; see :func:`collect_from_dvc`). Returns ``{name: result}`` for the experiments in
     ``names`` (all ablation-named ones when None) that finished with evaluation metrics; a name
     found at several baselines keeps the newest. ``result`` = ``{variant, seed, rev, baseline,
     timestamp, dataset, metrics, baselines}``.
@@ -176,17 +180,24 @@ def parse_exp_show(doc: list[dict], names: list[str] | None = None) -> dict[str,
                 continue
             if wanted is None and parse_name(name) is None:
                 continue
-            result = _result_from_rev(name, revs[0], baseline.get("rev"))
+            result = _result_from_rev(name, revs[0], baseline.get("rev"), read_file)
             if result is not None and (name not in found or result["timestamp"] > found[name]["timestamp"]):
                 found[name] = result
     return found
 
 
-def _result_from_rev(name: str, rev: dict, baseline_rev: str | None) -> dict | None:
+def _result_from_rev(name: str, rev: dict, baseline_rev: str | None,
+                     read_file: Callable[[str, str], str | None] | None = None) -> dict | None:
     data = rev.get("data") or {}
     if rev.get("error") or not data:
         return None
     evaluation = ((data.get("metrics") or {}).get(EVAL_METRICS_FILE) or {}).get("data") or {}
+    if not evaluation and read_file is not None and rev.get("rev"):
+        try:
+            evaluation = json.loads(read_file(rev["rev"], EVAL_METRICS_FILE) or "{}")
+        except json.JSONDecodeError:
+            evaluation = {}
+        evaluation = evaluation if isinstance(evaluation, dict) else {}
     datasets = [k for k, v in evaluation.items() if isinstance(v, dict) and "metrics" in v]
     if not datasets:
         return None
@@ -214,7 +225,11 @@ def collect_from_dvc(repo_dir: str | Path, names: list[str], *, all_commits: boo
     """``{name: result}`` (see :func:`parse_exp_show`) for the experiments ``names`` that DVC
     knows in ``repo_dir``. Experiments pushed from elsewhere must be pulled first
     (``dvc exp pull <git remote> <name>``); names without results are left out."""
-    return parse_exp_show(dvc_exp_show(repo_dir, all_commits=all_commits, dvc=dvc), names)
+    def read_file(rev: str, path: str) -> str | None:
+        done = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo_dir, capture_output=True, text=True)
+        return done.stdout if done.returncode == 0 else None
+
+    return parse_exp_show(dvc_exp_show(repo_dir, all_commits=all_commits, dvc=dvc), names, read_file)
 
 
 def error_lines(output: str, limit: int = 600) -> str:
