@@ -46,7 +46,10 @@ def tracked(args: argparse.Namespace, stage: str, sections: tuple[str, ...], var
     dataset = (params.get("stage2_branches") or {}).get("dataset", "cirr")
     if variant is None and stage not in ("synthesize", "prepare", "validate"):
         variant = (params.get("model") or {}).get("variant")
-    with stage_run(stage, {k: params[k] for k in sections if k in params}, dataset, variant, config=cfg) as run:
+    registry = params.get("registry") or {}
+    primary = (str(registry.get("metric", "Avg")), bool(registry.get("greater_is_better", True)))
+    with stage_run(stage, {k: params[k] for k in sections if k in params}, dataset, variant, config=cfg,
+                   primary_metric=primary) as run:  # fmt: skip
         yield run
 
 
@@ -173,6 +176,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             run.log_metrics_file(cfg.out_metrics)
             run.log_manifest(prepared / dataset / "queries.parquet", name=data_source_name(params, dataset),
                              context="evaluation")
+            # the headline numbers and the data set on the parent too: two pipelines compare in the
+            # runs table without expanding their children
+            run.log_parent_metrics(summary["metrics"])
+            run.log_manifest(prepared / dataset / "queries.parquet", name=data_source_name(params, dataset),
+                             context="evaluation", on_parent=True)
             for folder, name in ((Path(cfg.out_plots), "plots"), (Path(cfg.out_reports) / "retrieval", "retrieval"),
                                  (Path(cfg.out_reports) / "submission", "submission")):
                 if folder.exists():

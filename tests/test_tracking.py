@@ -488,3 +488,27 @@ def test_a_service_that_does_not_start_fails_with_its_log(tmp_path):
             pass
     message = str(info.value)
     assert "exited with code" in message and "bogus-scheme" in message and "--- last lines of" in message
+
+
+def test_experiment_opens_as_machine_learning_and_the_parent_carries_headline_and_data(
+        project, mlflow_sqlite_server, monkeypatch):
+    """MLflow's UI shows training runs first (experiment kind), leads with the registry's gating
+    metric, and lists the headline metrics and data set on the pipeline (parent) run itself."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_sqlite_server.url)
+    dataset = f"ui{uuid.uuid4().hex[:8]}"
+    with stage_run("evaluate", {"evaluate": {"split": "val"}}, dataset, config=TrackingConfig(system_metrics=False),
+                   primary_metric=("Rsub@1", True)) as run:  # fmt: skip
+        run.log_parent_metrics({"R@1": 20.5, "Avg": 48.0})
+        run.log_dataset(_manifest(), name="synthetic-cirr", source="data/prepared/cirr/queries.parquet",
+                        context="evaluation", on_parent=True)
+        parent_id = run.parent_run_id
+    client = MlflowClient(mlflow_sqlite_server.url)
+    exp = client.get_experiment_by_name(f"detailfusion-{dataset}")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp.tags["mlflow.experiment.primaryMetric.name"] == "Rsub_at_1"
+    assert exp.tags["mlflow.experiment.primaryMetric.greaterIsBetter"] == "true"
+    parent = client.get_run(parent_id)
+    assert parent.data.metrics == {"R_at_1": 20.5, "Avg": 48.0}
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["synthetic-cirr"]

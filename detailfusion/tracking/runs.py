@@ -81,6 +81,12 @@ _PARAM_VALUE_LIMIT = 6000  # MLflow's maximum param value length
 _INVALID_KEY_CHARS = re.compile(r"[^\w\-. /:]")
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+PRIMARY_METRIC_TAG = "mlflow.experiment.primaryMetric.name"
+PRIMARY_METRIC_GREATER_TAG = "mlflow.experiment.primaryMetric.greaterIsBetter"
+
+
 class TrackingOfflineWarning(UserWarning):
     """The tracking store was unreachable; some of a stage's tracking data was not logged."""
 
@@ -313,6 +319,19 @@ class TrackingSession:
             with contextlib.suppress(Exception):
                 callback()
 
+    # MLflow's UI opens an experiment by its kind: "custom_model_development" ("Machine learning")
+    # shows the training runs table first, not the GenAI overview; the primary metric (the
+    # registry's gating metric) is what the runs table and charts lead with.
+    primary_metric: tuple[str, bool] | None = None
+
+    def experiment_tags(self) -> dict[str, str]:
+        tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        if self.primary_metric is not None:
+            name, greater = self.primary_metric
+            tags[PRIMARY_METRIC_TAG] = mlflow_key(name)
+            tags[PRIMARY_METRIC_GREATER_TAG] = str(bool(greater)).lower()
+        return tags
+
     def ensure_experiment(self, dataset: str) -> str:
         """Id of the experiment for ``dataset``, created (race-safe) if missing."""
         return self.experiment_id(self.cfg.experiment_name(dataset))
@@ -331,7 +350,7 @@ class TrackingSession:
                 local_artifact_location(self.cfg, self.repo_root) if is_local_store(self.tracking_uri) else None
             )
             try:
-                return self.client.create_experiment(name, artifact_location=location)
+                return self.client.create_experiment(name, artifact_location=location, tags=self.experiment_tags())
             except MlflowException as exc:
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -360,6 +379,22 @@ class PipelineRun:
         try:
             self.session.call(f"log_artifact {path}", self.session.client.log_artifact, self.run_id, str(path),
                               artifact_path)  # fmt: skip
+        except _Offline:
+            return False
+        return True
+
+    def log_metrics(self, metrics: dict[str, float]) -> bool:
+        """Headline metrics on the parent, so pipelines compare at the top level of the runs table."""
+        if self.run_id is None:
+            return False
+        import time as _time
+
+        from mlflow.entities import Metric
+
+        now = int(_time.time() * 1000)
+        batch = [Metric(mlflow_key(k), float(v), now, 0) for k, v in metrics.items()]
+        try:
+            self.session.call("log parent metrics", self.session.client.log_batch, self.run_id, metrics=batch)
         except _Offline:
             return False
         return True
@@ -674,6 +709,7 @@ class StageRun:
         source: str | Path,
         context: str = "training",
         digest: str | None = None,
+        on_parent: bool = False,
     ) -> str:
         """``mlflow.log_input`` of a manifest table: name (the data source), content digest, source.
 
@@ -685,8 +721,10 @@ class StageRun:
         digest = digest or frame_digest(df)
         source = str(Path(source).resolve()) if not re.match(r"^[a-z0-9+]+://", str(source)) else str(source)
         entry = {"name": name, "digest": digest, "source": source, "context": context, "rows": len(df)}
-        if self.run_id is None or self.offline:
-            self.record.datasets.append(entry)
+        run_id = self.parent_run_id if on_parent else self.run_id
+        if run_id is None or self.offline:
+            if not on_parent:
+                self.record.datasets.append(entry)
             return digest
         with warnings.catch_warnings():
             # MLflow hints about integer columns and ambiguous local sources; neither applies here.
@@ -694,11 +732,17 @@ class StageRun:
             dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest)
             entity = dataset._to_mlflow_entity()
         inputs = [DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])]
-        if not self._send(f"log input {name}", self.session.client.log_inputs, self.run_id, datasets=inputs):
+        if not self._send(f"log input {name}", self.session.client.log_inputs, run_id, datasets=inputs) and not on_parent:
             self.record.datasets.append(entry)
         return digest
 
-    def log_manifest(self, path: str | Path, *, name: str, context: str = "training") -> str:
+    def log_parent_metrics(self, metrics: dict[str, float]) -> None:
+        """Also put ``metrics`` on the pipeline (parent) run (best effort: the stage run has them)."""
+        if self.parent is not None and not self.offline:
+            self.parent.log_metrics(metrics)
+
+    def log_manifest(self, path: str | Path, *, name: str, context: str = "training",
+                     on_parent: bool = False) -> str:
         """:meth:`log_dataset` for a parquet manifest on disk."""
         import pandas as pd
 
@@ -711,7 +755,7 @@ class StageRun:
             raise DataFormatError(path, "manifest not found") from None
         except Exception as exc:  # pyarrow raises several types for broken files
             raise DataFormatError(path, f"not a readable parquet manifest: {exc}") from None
-        return self.log_dataset(df, name=name, source=path, context=context)
+        return self.log_dataset(df, name=name, source=path, context=context, on_parent=on_parent)
 
     def log_parent_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Attach a file to the pipeline (parent) run, e.g. the ablation summary table."""
@@ -757,6 +801,7 @@ def stage_run(
     *,
     config: TrackingConfig | None = None,
     repo_root: Path | None = None,
+    primary_metric: tuple[str, bool] | None = None,
 ) -> Iterator[StageRun]:
     """Open a nested MLflow run for one stage under the pipeline's parent run (module docs).
 
@@ -767,6 +812,7 @@ def stage_run(
     if os.environ.get("RANK", "0") != "0":
         cfg = TrackingConfig(**{**cfg.__dict__, "enabled": False})
     session = TrackingSession(cfg, repo_root)
+    session.primary_metric = primary_metric
     run = StageRun(session, stage_name, dataset, variant)
     status = "FINISHED"
     try:
