@@ -203,6 +203,9 @@ def test_pyfunc_rejects_bad_rows_naming_them(tiny_model, mlflow_sqlite_server, t
     for frame, message in cases:
         with pytest.raises(Exception, match=message):
             model.predict(frame)
+    gallery = pd.DataFrame({"task": ["gallery"], "image": [good], "text": [None]})
+    with pytest.raises(Exception, match="batch_size must be >= 1, got 0"):  # never silently the default
+        model.predict(gallery, params={"batch_size": 0})
 
 
 def test_register_stage_end_to_end_on_postgres_and_s3(tiny_model, mlflow_postgres_s3_server, tmp_path, monkeypatch,

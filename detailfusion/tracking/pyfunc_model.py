@@ -45,7 +45,8 @@ class DetailFusionEmbedder(PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         params = params or {}
-        batch_size = int(params.get("batch_size") or self.default_batch_size)
+        raw = params.get("batch_size")
+        batch_size = self.default_batch_size if raw is None else int(raw)  # 0 is an error, not "default"
         if batch_size < 1:
             raise ValueError(f"params.batch_size must be >= 1, got {batch_size}")
         image_root = str(params.get("image_root") or "")
