@@ -138,5 +138,5 @@ def train(
     exp_push(str(workdir), exp_name)
     logger.info("experiment %s (baseline %s) pushed to origin and the DVC remote", exp_name, sha[:12])
     if not keep_workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(workdir.parent, ignore_errors=True)  # the per-run folder
     return {"exp_name": exp_name, "baseline": sha, "stages": stages}
