@@ -374,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ann-queries", type=int, default=500)
     ap.add_argument("--nlist", type=int, default=1024)
     ap.add_argument("--configs", default="tiny,vit-b-32")
+    ap.add_argument("--ann-pq-only", action="store_true", help="IVF-Flat + IVF-PQ 64x4 only (shorter run)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (fp16 exact search, bf16 embedding)")
     ap.add_argument("--out", default="")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
@@ -394,14 +395,20 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": {"cpus": os.cpu_count(), "load_start": [round(x, 2) for x in os.getloadavg()],
                                  "device": args.device}}
     t0 = time.perf_counter()
+    out = Path(args.out or f"bench/results/retrieval_{'cuda' if args.device.startswith('cuda') else 'cpu'}.json")
+    sys.path.insert(0, str(ROOT))
+    from detailfusion.fsutil import write_json_atomic
+
     with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as tmp:
         if "search" in parts:
             results["search"] = run_search_part(args, Path(tmp))
+            write_json_atomic(out, results)
         if "ann" in parts:
             spec = {"n": args.ann_size, "d": 256, "nq": args.ann_queries, "repeats": args.repeats,
-                    "configs": ann_configs(args.nlist)}
+                    "configs": ann_configs(args.nlist)[: 2 if args.ann_pq_only else None]}
             results["ann"] = _child("ann", spec, timeout=3600)
             print(f"ann: exact {results['ann']['exact_queries_per_s']} q/s", flush=True)
+            write_json_atomic(out, results)
     if "embed" in parts:
         results["embed"] = []
         for config in args.configs.split(","):
@@ -416,10 +423,6 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"]["wall_s"] = round(time.perf_counter() - t0, 1)
     table = markdown(results)
     print(table)
-    out = Path(args.out or f"bench/results/retrieval_{'cuda' if args.device.startswith('cuda') else 'cpu'}.json")
-    sys.path.insert(0, str(ROOT))
-    from detailfusion.fsutil import write_json_atomic
-
     write_json_atomic(out, results)
     print(f"wrote {out}")
     return 0

@@ -95,8 +95,13 @@ def _settings(cfg: RetrieveConfig, resolved, params: dict | None) -> tuple[int, 
 
 
 def run_retrieval(cfg: RetrieveConfig, *, tracking=None, registry=None, params: dict | None = None,
-                  progress: bool = True) -> dict:
-    """Run one job (module docs); returns the summary that ``summary.json`` holds."""
+                  progress: bool = True, engine=None) -> dict:
+    """Run one job (module docs); returns the summary that ``summary.json`` holds.
+
+    ``engine`` (e.g. :class:`~detailfusion.retrieval.ray_engine.RayEngine`) replaces the gallery
+    embedding and search steps; it offers ``embed_gallery_shards`` and ``run_search`` with the
+    local functions' signatures.
+    """
     from detailfusion.registry.config import RegistryConfig
     from detailfusion.retrieval.inputs import load_gallery, load_queries
     from detailfusion.retrieval.outputs import Staging
@@ -122,6 +127,8 @@ def run_retrieval(cfg: RetrieveConfig, *, tracking=None, registry=None, params: 
                            endpoint=cfg.endpoint_url)
     queries = load_queries(cfg.queries, image_root=cfg.query_image_root, endpoint=cfg.endpoint_url)
     work = default_work_dir(cfg)
+    if engine is not None:  # e.g. the Ray engine (ray_engine.py): same contract, distributed
+        embed_gallery_shards = engine.embed_gallery_shards
     emb = embed_gallery_shards(model, gallery, work, model_identity=resolved.identity, image_size=size,
                                target_ratio=ratio, shard_size=cfg.shard_size, batch_size=cfg.batch_size,
                                dtype=cfg.embed_dtype, progress=progress)
@@ -151,6 +158,8 @@ def run_retrieval(cfg: RetrieveConfig, *, tracking=None, registry=None, params: 
     from detailfusion.retrieval.searching import run_search
 
     t = time.perf_counter()
+    if engine is not None:
+        run_search = engine.run_search
     scores, idx, index_info = run_search(q_emb, emb.embeddings, cfg, exclude)
     timings["search_s"] = time.perf_counter() - t
 
