@@ -95,8 +95,8 @@ def perturbed_queries(gallery: np.ndarray, nq: int, seed: int, noise: float = 0.
     rng = np.random.default_rng(seed + 1)
     src = gallery[np.sort(rng.choice(len(gallery), nq, replace=False))]
     d = gallery.shape[1]
-    q = src + noise * rng.standard_normal(src.shape).astype(np.float32) / np.sqrt(d)
-    return _normalize_rows(q)
+    q = src + np.float32(noise / np.sqrt(d)) * rng.standard_normal(src.shape, dtype=np.float32)
+    return _normalize_rows(q.astype(np.float32, copy=False))
 
 
 def _timed(fn, repeats: int) -> tuple[float, object]:
