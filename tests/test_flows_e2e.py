@@ -216,6 +216,18 @@ def pipeline_run(stack, started) -> dict:
     return stack.wait(started["pipeline"])
 
 
+def promoted_versions(stack: Stack, until: str, timeout: float = 120) -> list[str]:
+    """Versions named by ``detailfusion.champion.promoted`` events; waits for ``until`` (the server
+    stores an event a moment after the emitting flow run has finished)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        events = stack.post("/events/filter", {"filter": {"event": {"name": ["detailfusion.champion.promoted"]}}})
+        versions = [str(e["payload"].get("version")) for e in events["events"]]
+        if until in versions or time.monotonic() > deadline:
+            return versions
+        time.sleep(3)
+
+
 def _exp_name(stack: Stack, prefix: str) -> list[str]:
     out = _run(["dvc", "exp", "list", "--all-commits", "--name-only"], stack.origin, stack.env).stdout.split()
     return sorted(n for n in out if n.startswith(prefix))
@@ -260,9 +272,7 @@ def test_pipeline_end_to_end(stack, pipeline_run):
     # the registry has a champion, and the promotion was announced as a Prefect event
     champion = client.get_model_version_by_alias("detailfusion-cirr", "champion")
     assert champion.tags.get("lineage.dvc.exp_name") == exp  # this run's model is the champion
-    events = stack.post("/events/filter", {"filter": {"event": {"name": ["detailfusion.champion.promoted"]}}})
-    payloads = [e["payload"] for e in events["events"]]
-    assert any(p.get("version") == str(champion.version) for p in payloads), payloads
+    assert str(champion.version) in promoted_versions(stack, until=str(champion.version))
 
 
 def test_training_fault_is_retried(stack, pipeline_run):
@@ -388,5 +398,4 @@ def test_promotion_waits_for_approval(stack, pipeline_run):
     _run([*resume, "approve", run_id, "--comment", "test"], REPO_ROOT, stack.env)
     assert stack.wait(run_id)["state_type"] == "COMPLETED", stack.logs([run_id])[-3000:]
     assert client.get_model_version_by_alias("detailfusion-cirr", "champion").version == strong
-    events = stack.post("/events/filter", {"filter": {"event": {"name": ["detailfusion.champion.promoted"]}}})
-    assert any(e["payload"].get("version") == strong for e in events["events"])
+    assert strong in promoted_versions(stack, until=strong)
