@@ -16,16 +16,19 @@ export GX_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test install install-test lint clean-outputs track-raw
+.PHONY: run test install install-test lint lock clean-outputs track-raw
 
-$(VENV)/.stamp-base: pyproject.toml
+# Installs come from the lock files (exact versions, no resolver backtracking, the same set on
+# every machine); `make lock` re-resolves them from pyproject.toml after a dependency change.
+$(VENV)/.stamp-base: pyproject.toml requirements/run.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
-	$(BIN)/python -m pip install -e .
+	$(BIN)/python -m pip install -q -r requirements/run.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.stamp-test: $(VENV)/.stamp-base
-	$(BIN)/python -m pip install -e ".[test]"
+$(VENV)/.stamp-test: $(VENV)/.stamp-base requirements/test.lock
+	$(BIN)/python -m pip install -q -r requirements/test.lock
 	touch $@
 
 install: $(VENV)/.stamp-base
@@ -41,6 +44,13 @@ test: install-test
 
 lint: install-test
 	$(BIN)/ruff check detailfusion flows tests bench infra
+
+lock: install
+	$(BIN)/python -m pip install -q --dry-run --ignore-installed --report .lock-run.json -e .
+	$(BIN)/python -m pip install -q --dry-run --ignore-installed --report .lock-test.json -e ".[test]"
+	$(BIN)/python requirements/lock.py .lock-run.json > requirements/run.lock
+	$(BIN)/python requirements/lock.py .lock-test.json --minus requirements/run.lock > requirements/test.lock
+	rm -f .lock-run.json .lock-test.json
 
 clean-outputs:
 	rm -rf data/synthetic data/prepared models metrics reports plots
