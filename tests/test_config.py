@@ -17,9 +17,10 @@ def _write(tmp_path, text: str):
 
 
 def test_scientific_notation_reads_as_numbers(tmp_path):
-    path = _write(tmp_path, "a: 1e-3\nb: 1E5\nc: .5\nd: 10\ne: '1e-3'\nf: -2e+2\ng: 1.0e-5\n")
+    # h: what `dvc exp run -S stage1_detail.loop.lr=1e-5` writes into params.yaml (checked with DVC 3.67)
+    path = _write(tmp_path, "a: 1e-3\nb: 1E5\nc: .5\nd: 10\ne: '1e-3'\nf: -2e+2\ng: 1.0e-5\nh: 1e-05\n")
     got = load_params(path)
-    assert got == {"a": 0.001, "b": 100000.0, "c": 0.5, "d": 10, "e": "1e-3", "f": -200.0, "g": 1e-5}
+    assert got == {"a": 0.001, "b": 100000.0, "c": 0.5, "d": 10, "e": "1e-3", "f": -200.0, "g": 1e-5, "h": 1e-5}
     assert isinstance(got["d"], int)
 
 
