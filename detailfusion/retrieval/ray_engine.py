@@ -124,21 +124,12 @@ class RayEngine:
         import ray
 
         from detailfusion.errors import DetailFusionError
-        from detailfusion.retrieval.shards import _drop_partial_writes, _open_cache, cache_key, load_shards
+        from detailfusion.retrieval.shards import load_shards, prepare_cache
 
-        if shard_size < 1 or batch_size < 1:
-            raise DetailFusionError(f"shard_size and batch_size must be >= 1 (got {shard_size}, {batch_size})")
-        cache = Path(cache)
-        key = cache_key(model_identity, image_size, target_ratio, shard_size, model.embed_dim, dtype)
-        invalidated = _open_cache(cache, key)
-        _drop_partial_writes(cache)
-        n = len(gallery)
-        n_shards = max(1, -(-n // shard_size))
-        for sub, pattern in (("embeddings", "img_emb_*.npy"), ("metadata", "metadata_*.parquet"),
-                             ("errors", "errors_*.parquet")):
-            for stale in (cache / sub).glob(pattern):
-                if int(stale.stem.rsplit("_", 1)[1]) >= n_shards:
-                    stale.unlink()
+        cache, key, invalidated, n, n_shards = prepare_cache(
+            cache, n=len(gallery), model_identity=model_identity, image_size=image_size,
+            target_ratio=target_ratio, shard_size=shard_size, batch_size=batch_size, embed_dim=model.embed_dim,
+            dtype=dtype)
         shipped = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
         kwargs = {"model_ref": [ray.put(shipped)], "gallery_ref": [ray.put(gallery)],
                   "cache": str(cache.resolve()), "image_size": image_size, "target_ratio": target_ratio,

@@ -134,6 +134,27 @@ def cache_key(model_identity: str, image_size: int, target_ratio: float, shard_s
             "dtype": dtype or "fp32"}
 
 
+def prepare_cache(cache: str | Path, *, n: int, model_identity: str, image_size: int, target_ratio: float,
+                  shard_size: int, batch_size: int, embed_dim: int, dtype: str | None
+                  ) -> tuple[Path, str, bool, int, int]:  # fmt: skip
+    """Open (or invalidate) the shard cache for ``n`` gallery images and clean it up for a run:
+    partial writes of a killed run and shards beyond the gallery's end are removed. Returns
+    ``(cache, key, invalidated, n, n_shards)``; shared by the local and the Ray engine."""
+    if shard_size < 1 or batch_size < 1:
+        raise DetailFusionError(f"shard_size and batch_size must be >= 1 (got {shard_size}, {batch_size})")
+    cache = Path(cache)
+    key = cache_key(model_identity, image_size, target_ratio, shard_size, embed_dim, dtype)
+    invalidated = _open_cache(cache, key)
+    _drop_partial_writes(cache)
+    n_shards = max(1, -(-n // shard_size))
+    for sub, pattern in (("embeddings", "img_emb_*.npy"), ("metadata", "metadata_*.parquet"),
+                         ("errors", "errors_*.parquet")):
+        for stale in (cache / sub).glob(pattern):
+            if int(stale.stem.rsplit("_", 1)[1]) >= n_shards:
+                stale.unlink()
+    return cache, key, invalidated, n, n_shards
+
+
 def embed_gallery_shards(model, gallery, cache: str | Path, *, model_identity: str, image_size: int,
                          target_ratio: float, shard_size: int = 10_000, batch_size: int = 256,
                          readers: int = 8, dtype: str | None = None, progress: bool = True) -> GalleryEmbeddings:
@@ -142,19 +163,9 @@ def embed_gallery_shards(model, gallery, cache: str | Path, *, model_identity: s
     Images that cannot be read or decoded become error rows (``errors``), never silent drops.
     ``dtype`` (``bf16``/``fp16``) embeds under autocast; it is part of the cache key.
     """
-    if shard_size < 1 or batch_size < 1:
-        raise DetailFusionError(f"shard_size and batch_size must be >= 1 (got {shard_size}, {batch_size})")
-    cache = Path(cache)
-    key = cache_key(model_identity, image_size, target_ratio, shard_size, model.embed_dim, dtype)
-    invalidated = _open_cache(cache, key)
-    _drop_partial_writes(cache)
-    n = len(gallery)
-    n_shards = max(1, -(-n // shard_size))
-    for sub, pattern in (("embeddings", "img_emb_*.npy"), ("metadata", "metadata_*.parquet"),
-                         ("errors", "errors_*.parquet")):
-        for stale in (cache / sub).glob(pattern):
-            if int(stale.stem.rsplit("_", 1)[1]) >= n_shards:
-                stale.unlink()
+    cache, key, invalidated, n, n_shards = prepare_cache(
+        cache, n=len(gallery), model_identity=model_identity, image_size=image_size, target_ratio=target_ratio,
+        shard_size=shard_size, batch_size=batch_size, embed_dim=model.embed_dim, dtype=dtype)
     model.eval()
     stats = {"shards": n_shards, "shards_embedded": 0, "shards_reused": 0, "images_embedded": 0,
              "cache_invalidated": invalidated, "embed_seconds": 0.0}
