@@ -71,7 +71,7 @@ def test_dvc_repro_end_to_end_then_gated_promotion(repo):
     status = _run(["dvc", "status"], root, env).stdout
     assert "up to date" in status, status
     # the DVC views people use: a readable metrics table, one plotted line per series
-    table = _run(["dvc", "metrics", "show", "--no-pager"], root, env).stdout
+    table = _run(["dvc", "metrics", "show"], root, env).stdout
     assert max(len(line) for line in table.splitlines()) <= 160, table
     assert "R@1" in table and "Rsub@1" in table and "metrics/headline.json" in table
     plots = json.loads(_run(["dvc", "plots", "show", "--json", "--split"], root, env).stdout)["data"]
