@@ -80,8 +80,8 @@ def is_unit(x: torch.Tensor) -> bool:
     return torch.allclose(x.norm(dim=-1), torch.ones(x.shape[0]), atol=1e-5)
 
 
-def has_grad(params: list[torch.nn.Parameter]) -> bool:
-    return any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
+def has_grad(named: list[tuple[str, torch.nn.Parameter]]) -> bool:
+    return any(p.grad is not None and bool(p.grad.abs().sum() > 0) for _, p in named)
 
 
 # ---------------------------------------------------------------------------- every variant
@@ -135,7 +135,7 @@ def test_variant_forward_backward_and_fuse(variant, pixels):
     loss.backward()
     groups = model.parameter_groups()
     assert set(groups) == {"backbone", "gm", "di", "afc", "other"}
-    grouped = {id(p) for params in groups.values() for p in params}
+    grouped = {id(p) for named in groups.values() for _, p in named}
     assert grouped == {id(p) for p in model.parameters()}, "every parameter is in exactly one group"
     assert has_grad(groups["backbone"]) and has_grad(groups["other"])
     for branch in ("gm", "di"):

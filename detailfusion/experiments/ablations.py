@@ -225,11 +225,19 @@ def collect_from_dvc(repo_dir: str | Path, names: list[str], *, all_commits: boo
     """``{name: result}`` (see :func:`parse_exp_show`) for the experiments ``names`` that DVC
     knows in ``repo_dir``. Experiments pushed from elsewhere must be pulled first
     (``dvc exp pull <git remote> <name>``); names without results are left out."""
+    return parse_exp_show(dvc_exp_show(repo_dir, all_commits=all_commits, dvc=dvc), names,
+                          git_file_reader(repo_dir))
+
+
+def git_file_reader(repo_dir: str | Path) -> Callable[[str, str], str | None]:
+    """``read_file(rev, path)`` for :func:`parse_exp_show`: a file of an experiment's commit
+    (``git show rev:path``), None when it is not there."""
+
     def read_file(rev: str, path: str) -> str | None:
         done = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo_dir, capture_output=True, text=True)
         return done.stdout if done.returncode == 0 else None
 
-    return parse_exp_show(dvc_exp_show(repo_dir, all_commits=all_commits, dvc=dvc), names, read_file)
+    return read_file
 
 
 def error_lines(output: str, limit: int = 600) -> str:

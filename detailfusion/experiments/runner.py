@@ -40,6 +40,7 @@ from detailfusion.experiments.ablations import (
     dvc_exp_show,
     error_lines,
     exp_run_command,
+    git_file_reader,
     markdown_table,
     parse_exp_show,
     plan,
@@ -92,7 +93,7 @@ def _existing(repo: Path, head: str, expected: dict[str, dict], dvc: str) -> tup
     """Experiments of baseline ``head`` named like ours: (reusable, stale). Reusable = finished
     with evaluation metrics and exactly the params this suite would run it with."""
     doc = [b for b in dvc_exp_show(repo, dvc=dvc) if b.get("rev") == head]
-    finished = parse_exp_show(doc, list(expected))
+    finished = parse_exp_show(doc, list(expected), git_file_reader(repo))
     reuse, stale = [], []
     for baseline in doc:
         for exp in baseline.get("experiments") or []:
