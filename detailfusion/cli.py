@@ -174,13 +174,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         summary = run_evaluate(cfg, Path(args.model), prepared, dataset, progress=not args.quiet)
         if run is not None:
             run.log_metrics_file(cfg.out_metrics)
-            run.log_manifest(prepared / dataset / "queries.parquet", name=data_source_name(params, dataset),
-                             context="evaluation")
             # the headline numbers and the data set on the parent too: two pipelines compare in the
             # runs table without expanding their children
-            run.log_parent_metrics(summary["metrics"])
             run.log_manifest(prepared / dataset / "queries.parquet", name=data_source_name(params, dataset),
-                             context="evaluation", on_parent=True)
+                             context="evaluation", also_on_parent=True)
+            run.log_parent_metrics(summary["metrics"])
             for folder, name in ((Path(cfg.out_plots), "plots"), (Path(cfg.out_reports) / "retrieval", "retrieval"),
                                  (Path(cfg.out_reports) / "submission", "submission")):
                 if folder.exists():

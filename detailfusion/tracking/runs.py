@@ -742,7 +742,7 @@ class StageRun:
             self.parent.log_metrics(metrics)
 
     def log_manifest(self, path: str | Path, *, name: str, context: str = "training",
-                     on_parent: bool = False) -> str:
+                     also_on_parent: bool = False) -> str:
         """:meth:`log_dataset` for a parquet manifest on disk."""
         import pandas as pd
 
@@ -755,7 +755,10 @@ class StageRun:
             raise DataFormatError(path, "manifest not found") from None
         except Exception as exc:  # pyarrow raises several types for broken files
             raise DataFormatError(path, f"not a readable parquet manifest: {exc}") from None
-        return self.log_dataset(df, name=name, source=path, context=context, on_parent=on_parent)
+        digest = self.log_dataset(df, name=name, source=path, context=context)
+        if also_on_parent:  # the same frame and digest: the manifest is read and hashed once
+            self.log_dataset(df, name=name, source=path, context=context, digest=digest, on_parent=True)
+        return digest
 
     def log_parent_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Attach a file to the pipeline (parent) run, e.g. the ablation summary table."""
