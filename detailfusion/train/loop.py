@@ -1,9 +1,11 @@
 """The one training loop every stage uses.
 
-It reads as a story: build optimiser and schedule, resume if a checkpoint exists, then for each
-step: micro-batches -> forward -> loss -> backward, clip, step, log, checkpoint. AMP (bf16 on
-CUDA, fp32 on CPU), gradient accumulation, DDP under ``torchrun`` and resumable checkpoints
-are handled here so the tasks stay about their losses.
+It reads as a story (:func:`run_training`): put the task on its device, freeze what no optimiser
+group trains, build optimiser and schedule, resume if a checkpoint exists, then for each step run
+:func:`train_step` (micro-batches -> forward -> loss -> backward, clip, step), log, checkpoint.
+AMP (bf16 on CUDA, fp32 on CPU), gradient accumulation, DDP under ``torchrun`` and resumable
+checkpoints are handled here so the tasks stay about their losses (``tasks.LoopTask`` says what
+the loop needs from a task).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from detailfusion.train.config import LoopConfig
+from detailfusion.train.tasks import LoopTask
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +55,39 @@ def distributed_info() -> tuple[int, int]:
 
 
 def autocast_for(device: torch.device, amp: str):
+    """(autocast context, GradScaler or None): bf16 needs no scaler, fp16 does, fp32 neither."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return contextlib.nullcontext(), None
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     return torch.autocast(device_type=device.type, dtype=dtype), scaler
+
+
+# --------------------------------------------------------------------------- optimiser and schedule
+
+
+def freeze_untrained(module: nn.Module, groups: list[dict]) -> list[str]:
+    """Train exactly the parameters of ``groups``: ``requires_grad`` on for them, off for every
+    other parameter of ``module`` (stage 3 freezes the branches this way). Returns the names of
+    the frozen parameters."""
+    trainable = {id(p) for g in groups for p in g["params"]}
+    frozen = []
+    for name, p in module.named_parameters():
+        p.requires_grad_(id(p) in trainable)
+        if id(p) not in trainable:
+            frozen.append(name)
+    return frozen
+
+
+def build_optimizer(groups: list[dict], cfg: LoopConfig) -> torch.optim.Optimizer:
+    """AdamW over the task's parameter groups (each keeps its own ``lr``, ``weight_decay`` and
+    ``name``); betas from ``cfg``. Unnamed groups are called ``group<i>``; names must be unique,
+    they are the keys of the per-group learning rates in the logs."""
+    named = [{**g, "name": g.get("name") or f"group{i}"} for i, g in enumerate(groups)]
+    names = [g["name"] for g in named]
+    if len(set(names)) != len(names):
+        raise ValueError(f"optimizer groups: group names must be unique, got {names}")
+    return torch.optim.AdamW(named, betas=(cfg.beta1, cfg.beta2))
 
 
 def lr_lambda(cfg: LoopConfig) -> Callable[[int], float]:
@@ -75,18 +106,29 @@ def lr_lambda(cfg: LoopConfig) -> Callable[[int], float]:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: LoopConfig):
+    """``cfg.schedule``: warm-up + cosine / constant (LambdaLR), or OneCycle from ``lr / 10``
+    up to each group's ``lr`` and down to ``lr * min_lr_ratio``."""
     if cfg.schedule == "onecycle":
+        total = max(1, cfg.max_steps)
+        pct_start = min(0.5, max(cfg.warmup_steps / total, 0.01))
+        if pct_start * total <= 1:  # a warm-up phase shorter than one step (torch divides by zero at 1)
+            pct_start = min(0.99, 1.5 / total)
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=[g["lr"] for g in optimizer.param_groups],
-            total_steps=max(1, cfg.max_steps),
-            pct_start=min(0.5, max(cfg.warmup_steps / max(1, cfg.max_steps), 0.01)),
+            total_steps=total,
+            pct_start=pct_start,
             anneal_strategy="cos",
             div_factor=10.0,
             final_div_factor=1.0 / max(cfg.min_lr_ratio, 1e-4) / 10.0,
             cycle_momentum=False,
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+def group_lrs(optimizer: torch.optim.Optimizer, scheduler) -> dict[str, float]:
+    """The learning rate of each parameter group as ``lr/<group name>`` (MLflow-safe keys)."""
+    return {f"lr/{g['name']}": lr for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True)}
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -118,11 +160,84 @@ def load_checkpoint(path: Path) -> dict | None:
         raise RuntimeError(f"{path}: unreadable checkpoint ({exc}); delete it to restart the stage") from exc
 
 
+def restore_checkpoint(state: dict, task: LoopTask, optimizer, scheduler) -> int:
+    """Model, optimiser, schedule and RNG state of a checkpoint; returns its step."""
+    task.model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"])
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def train_step(
+    task: LoopTask,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    cfg: LoopConfig,
+    step: int,
+    *,
+    device: torch.device,
+    engine: nn.Module | None = None,
+    autocast=None,
+    scaler: torch.amp.GradScaler | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[dict[str, float], int]:
+    """One optimiser step: ``cfg.grad_accum`` micro-batches (forward under ``autocast``, loss
+    divided by ``grad_accum``, backward; DDP syncs gradients on the last one only), then unscale
+    (fp16), clip to ``cfg.grad_clip``, optimiser and scheduler step, zero the gradients.
+
+    ``engine`` is what runs the forward (the task or its DDP wrapper; default the task). Returns
+    the task's outputs averaged over the micro-batches (floats) and the number of samples seen
+    by all ranks.
+    """
+    engine = task if engine is None else engine
+    autocast = contextlib.nullcontext() if autocast is None else autocast
+    logs: dict[str, float] = {}
+    samples = 0
+    for micro in range(cfg.grad_accum):
+        batch = task.batch(step, micro, cfg.grad_accum, rank, world)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        sync = contextlib.nullcontext()
+        if world > 1 and micro < cfg.grad_accum - 1:
+            sync = engine.no_sync()
+        with sync:
+            with autocast:
+                out = engine(batch)
+            if "loss" not in out:
+                raise KeyError(f"task {task.name}: forward returned {sorted(out)}, without the 'loss' to minimise")
+            loss = out["loss"] / cfg.grad_accum
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        for k, v in out.items():
+            logs[k] = logs.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        samples += next(iter(batch.values())).shape[0] * world
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return logs, samples
+
+
 # --------------------------------------------------------------------------- the loop
 
 
 def run_training(
-    task: nn.Module,
+    task: LoopTask,
     cfg: LoopConfig,
     out_dir: Path,
     *,
@@ -131,7 +246,14 @@ def run_training(
     progress: bool = True,
     resume: bool = True,
 ) -> dict:
-    """Train ``task`` for ``cfg.max_steps`` optimiser steps; returns a summary dict."""
+    """Train ``task`` for ``cfg.max_steps`` optimiser steps; returns a summary dict.
+
+    ``on_log(step, logs)`` gets, every ``cfg.log_every`` steps and at the end, the task's
+    outputs (``loss``, ``loss_*``, ...), ``lr/<group name>`` for each optimiser group and
+    ``samples_per_s``.
+    """
+    if not isinstance(task, LoopTask):
+        raise TypeError(f"{type(task).__name__} is not a training task (see detailfusion.train.tasks.LoopTask)")
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "checkpoints" / CHECKPOINT
     rank, world = distributed_info()
@@ -141,10 +263,8 @@ def run_training(
     task.to(device)
 
     groups = task.optimizer_groups(cfg.lr, cfg.lr_backbone, cfg.weight_decay)
-    trainable = {id(p) for g in groups for p in g["params"]}
-    for p in task.parameters():
-        p.requires_grad_(id(p) in trainable)
-    optimizer = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2))
+    freeze_untrained(task, groups)
+    optimizer = build_optimizer(groups, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     autocast, scaler = autocast_for(device, cfg.amp)
 
@@ -154,13 +274,7 @@ def run_training(
     start = 0
     state = load_checkpoint(ckpt_path) if resume else None
     if state is not None:
-        task.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start = int(state["step"])
+        start = restore_checkpoint(state, task, optimizer, scheduler)
         if rank == 0:
             log.warning("resuming %s from %s at step %d/%d", task.name, ckpt_path, start, cfg.max_steps)
 
@@ -173,61 +287,33 @@ def run_training(
     extra = {"run_config": run_config or {}, "loop": asdict(cfg), "task": task.name}
     history: dict[str, list[float]] = {}
     samples = 0
+    completed = start  # optimiser steps done, what an interrupted run's checkpoint records
     t0 = time.perf_counter()
     bar = tqdm(
         total=cfg.max_steps, initial=start, desc=task.name, disable=not progress or rank != 0, dynamic_ncols=True
     )
     task.train()
-    step = start
     try:
         for step in range(start, cfg.max_steps):
-            logs: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                batch = task.batch(step, micro, cfg.grad_accum, rank, world)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                sync = contextlib.nullcontext()
-                if world > 1 and micro < cfg.grad_accum - 1:
-                    sync = engine.no_sync()
-                with sync:
-                    with autocast:
-                        out = engine(batch)
-                    loss = out["loss"] / cfg.grad_accum
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                    else:
-                        loss.backward()
-                for k, v in out.items():
-                    logs[k] = logs.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-                samples += next(iter(batch.values())).shape[0] * world
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
+            logs, n = train_step(task, optimizer, scheduler, cfg, step, device=device, engine=engine,
+                                 autocast=autocast, scaler=scaler, rank=rank, world=world)  # fmt: skip
+            completed = step + 1
+            samples += n
             for k, v in logs.items():
                 history.setdefault(k, []).append(v)
-            done = step + 1
             elapsed = time.perf_counter() - t0
             rate = samples / elapsed if elapsed > 0 else 0.0
             if rank == 0:
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['loss']:.3f}", sps=f"{rate:.0f}")
-                if on_log is not None and (done % cfg.log_every == 0 or done == cfg.max_steps):
-                    on_log(done, {**logs, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate})
-                if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-                    save_checkpoint(ckpt_path, task, optimizer, scheduler, done, extra)
-            step = done
+                if on_log is not None and (completed % cfg.log_every == 0 or completed == cfg.max_steps):
+                    on_log(completed, {**logs, **group_lrs(optimizer, scheduler), "samples_per_s": rate})
+                if completed % cfg.checkpoint_every == 0 or completed == cfg.max_steps:
+                    save_checkpoint(ckpt_path, task, optimizer, scheduler, completed, extra)
     except KeyboardInterrupt:
-        if rank == 0 and step > start:
-            save_checkpoint(ckpt_path, task, optimizer, scheduler, step, extra)
-            log.warning("interrupted: checkpoint saved at step %d (%s); rerun to resume", step, ckpt_path)
+        if rank == 0 and completed > start:
+            save_checkpoint(ckpt_path, task, optimizer, scheduler, completed, extra)
+            log.warning("interrupted: checkpoint saved at step %d (%s); rerun to resume", completed, ckpt_path)
         raise
     finally:
         bar.close()

@@ -7,12 +7,52 @@ step number, so checkpoint/resume and DDP sharding need no data-loader state.
 
 from __future__ import annotations
 
+from typing import Any, Protocol, runtime_checkable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from detailfusion.train.data import StepSampler, Triplets, fiq_training_caption, gather_pixels, patch_mask
+
+
+@runtime_checkable
+class LoopTask(Protocol):
+    """What the training loop (``loop.run_training`` / ``loop.train_step``) needs from a task.
+
+    A task is an ``nn.Module`` (the loop moves it to the device, puts it in train mode, freezes
+    what its groups leave out and wraps it in DDP under torchrun) that also owns its data and its
+    optimiser groups. Every task here (``DetailPretrainTask``, ``BranchFinetuneTask``,
+    ``FusionTask``) meets it; ``isinstance(task, LoopTask)`` checks that the members exist.
+    """
+
+    name: str  # progress bar, log lines, checkpoint metadata
+    model: nn.Module  # what a checkpoint saves and restores (``model.state_dict()``)
+
+    def optimizer_groups(self, lr: float, lr_backbone: float, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: ``params``, ``lr``, ``weight_decay`` and a unique ``name`` (the logs'
+        ``lr/<name>``); parameters in no group are frozen."""
+        ...
+
+    def batch(self, step: int, micro: int, n_micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        """CPU tensors of micro-batch ``micro`` (of ``n_micro``) of ``step``, this rank's share; a
+        pure function of its arguments (resume and DDP need no loader state). The first tensor's
+        leading dimension is the number of samples."""
+        ...
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Scalar outputs: ``loss`` (minimised) plus anything to log (``loss_gm``, ``w_di``...)."""
+        ...
+
+    # nn.Module members the loop calls
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 def info_nce(query: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, extra: torch.Tensor | None = None):
