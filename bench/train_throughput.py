@@ -1,7 +1,8 @@
 """Training throughput per stage: samples/s, peak memory and (on GPU) model FLOPs utilisation.
 
-Runs the REAL training tasks (``detailfusion.train.tasks``) and the shared optimiser setup on
-random uint8 images and captions, so the numbers are those of the pipeline's inner loop without
+Runs the REAL training tasks (``detailfusion.train.tasks``) with the loop's own optimiser,
+schedule and step (``detailfusion.train.loop``: build_optimizer, train_step) on random uint8
+images and captions, so the numbers are those of the pipeline's inner loop without
 data-set I/O. Each (config, stage) runs in its own subprocess so peak memory is per stage.
 
     python bench/train_throughput.py                       # tiny default + ViT-B-32 @ 224 on CPU
@@ -54,7 +55,13 @@ def run_stage(config: str, stage: str, batch: int, steps: int, warmup: int, devi
     from detailfusion.models import create_model
     from detailfusion.train.config import LoopConfig
     from detailfusion.train.data import StepSampler
-    from detailfusion.train.loop import autocast_for
+    from detailfusion.train.loop import (
+        autocast_for,
+        build_optimizer,
+        build_scheduler,
+        freeze_untrained,
+        train_step,
+    )
     from detailfusion.train.stages import cache_branch_outputs
     from detailfusion.train.tasks import BranchFinetuneTask, DetailPretrainTask, FusionTask
 
@@ -76,22 +83,17 @@ def run_stage(config: str, stage: str, batch: int, steps: int, warmup: int, devi
         cache = cache_branch_outputs(model, trip, pixels, batch_size=batch, progress=False)
         task = FusionTask(model, cache, StepSampler(np.full(n, -1), batch, 0), 0)
     task.to(dev)
-    cfg = LoopConfig(max_steps=steps, batch_size=batch, amp=amp, device=device)
+    # the pipeline's own optimiser, schedule and step (clip, AMP scaler) over every step run here
+    cfg = LoopConfig(max_steps=warmup + 1 + steps, batch_size=batch, warmup_steps=warmup, amp=amp, device=device)
     groups = task.optimizer_groups(cfg.lr, cfg.lr_backbone, cfg.weight_decay)
-    trainable = {id(p) for g in groups for p in g["params"]}
-    for p in task.parameters():
-        p.requires_grad_(id(p) in trainable)
-    opt = torch.optim.AdamW(groups)
-    autocast, _ = autocast_for(dev, amp)
+    freeze_untrained(task, groups)
+    opt = build_optimizer(groups, cfg)
+    scheduler = build_scheduler(opt, cfg)
+    autocast, scaler = autocast_for(dev, amp)
     task.train()
 
     def one_step(step: int) -> None:
-        b = {k: v.to(dev, non_blocking=True) for k, v in task.batch(step, 0, 1, 0, 1).items()}
-        with autocast:
-            loss = task(b)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(task, opt, scheduler, cfg, step, device=dev, autocast=autocast, scaler=scaler)
 
     for s in range(warmup):
         one_step(s)
