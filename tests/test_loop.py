@@ -1,0 +1,393 @@
+"""The training loop's mechanics on small problems: learning-rate schedules against their formulas,
+gradient accumulation against one large batch, AMP paths, InfoNCE against a brute-force
+reference, per-group learning rates in the logs, the task protocol, and the interrupt checkpoint.
+
+(End-to-end stage runs, resume after SIGKILL and DDP are in test_train.py; weight-decay groups in
+test_optimizer.py.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detailfusion.train.config import LoopConfig
+from detailfusion.train.data import StepSampler, Triplets
+from detailfusion.train.loop import (
+    autocast_for,
+    build_optimizer,
+    build_scheduler,
+    freeze_untrained,
+    load_checkpoint,
+    run_training,
+    train_step,
+)
+from detailfusion.train.tasks import (
+    BranchFinetuneTask,
+    DetailPretrainTask,
+    FusionTask,
+    LoopTask,
+    info_nce,
+    param_groups,
+)
+
+
+class RegressionTask(nn.Module):
+    """A task with a per-sample loss (MSE), so accumulated micro-batches equal one large batch
+    (the real tasks' InfoNCE uses in-batch negatives, whose set depends on the batch size)."""
+
+    name = "regression"
+
+    def __init__(self, n: int = 32, batch_size: int = 16, seed: int = 0, init_seed: int | None = None):
+        super().__init__()
+        torch.manual_seed(seed if init_seed is None else init_seed)
+        self.model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        g = torch.Generator().manual_seed(seed + 1)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = torch.randn(n, 2, generator=g)
+        self.sampler = StepSampler(np.full(n, -1), batch_size, seed)
+        self.forward_dtypes: list[torch.dtype] = []
+
+    def batch(self, step, micro, n_micro, rank, world):
+        rows = torch.as_tensor(self.sampler.micro_batch(step, micro, n_micro, rank, world))
+        return {"x": self.x[rows], "y": self.y[rows]}
+
+    def forward(self, batch):
+        pred = self.model(batch["x"])
+        self.forward_dtypes.append(pred.dtype)
+        loss = F.mse_loss(pred.float(), batch["y"])
+        return {"loss": loss, "abs_err": (pred.float() - batch["y"]).abs().mean().detach()}
+
+    def optimizer_groups(self, lr, lr_backbone, weight_decay):
+        body = list(self.model[0].named_parameters(prefix="model.0"))
+        head = list(self.model[2].named_parameters(prefix="model.2"))
+        return param_groups({"body": (body, lr_backbone), "head": (head, lr)}, weight_decay)
+
+
+def _cfg(**kw) -> LoopConfig:
+    base = dict(max_steps=4, batch_size=16, lr=1e-2, lr_backbone=1e-3, warmup_steps=1, device="cpu",
+                checkpoint_every=100, log_every=1, amp="off")
+    return LoopConfig(**{**base, **kw})
+
+
+def _params(task: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in task.model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- task protocol
+
+
+def _tiny_triplets(n: int = 8) -> Triplets:
+    return Triplets(query_ids=[str(i) for i in range(n)], ref=np.arange(n), target=np.arange(n)[::-1].copy(),
+                    captions=[["make it red"]] * n, texts=["make it red"] * n, group=np.full(n, -1),
+                    negatives=np.full((n, 4), -1), dataset="cirr")  # fmt: skip
+
+
+def test_every_task_meets_the_loop_protocol(tmp_path):
+    from detailfusion.models import create_model
+
+    model = create_model("tiny", variant="full")
+    trip = _tiny_triplets()
+    pixels = np.zeros((8, model.image_size, model.image_size, 3), dtype=np.uint8)
+    sampler = StepSampler(trip.group, 4, 0)
+    tasks = [
+        DetailPretrainTask(model, trip, pixels, sampler, 0),
+        BranchFinetuneTask(model, trip, pixels, sampler, 0),
+        FusionTask(model, {"target": torch.zeros(8, 4)}, sampler, 0),
+        RegressionTask(),
+    ]
+    for task in tasks:
+        assert isinstance(task, LoopTask), type(task).__name__
+        groups = task.optimizer_groups(1e-3, 1e-4, 0.05)
+        names = [g["name"] for g in groups]
+        assert len(set(names)) == len(names)
+        assert [g["name"] for g in build_optimizer(groups, _cfg()).param_groups] == names
+
+    plain = nn.Linear(2, 2)
+    assert not isinstance(plain, LoopTask)
+    with pytest.raises(TypeError, match="Linear is not a training task"):
+        run_training(plain, _cfg(), tmp_path)
+
+
+def test_forward_without_loss_is_named():
+    class NoLoss(RegressionTask):
+        def forward(self, batch):
+            return {"abs_err": super().forward(batch)["abs_err"]}
+
+    task = NoLoss()
+    cfg = _cfg()
+    opt = build_optimizer(task.optimizer_groups(cfg.lr, cfg.lr_backbone, cfg.weight_decay), cfg)
+    with pytest.raises(KeyError, match="task regression: forward returned \\['abs_err'\\], without the 'loss'"):
+        train_step(task, opt, build_scheduler(opt, cfg), cfg, 0, device=torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- optimiser
+
+
+def test_freeze_untrained_is_explicit_and_build_optimizer_keeps_groups():
+    task = RegressionTask()
+    cfg = _cfg(beta1=0.8, beta2=0.95)
+    head_only = [g for g in task.optimizer_groups(cfg.lr, cfg.lr_backbone, cfg.weight_decay)
+                 if g["name"].startswith("head")]  # fmt: skip
+    opt = build_optimizer(head_only, cfg)
+    assert all(p.requires_grad for p in task.parameters())  # building the optimiser froze nothing
+    assert freeze_untrained(task, head_only) == ["model.0.weight", "model.0.bias"]
+    assert [n for n, p in task.named_parameters() if p.requires_grad] == ["model.2.weight", "model.2.bias"]
+    assert [(g["name"], g["lr"], g["weight_decay"], g["betas"]) for g in opt.param_groups] == [
+        ("head", 1e-2, 0.05, (0.8, 0.95)), ("head.no_decay", 1e-2, 0.0, (0.8, 0.95))]
+    # frozen parameters stay out of the task's groups (param_groups keeps trainable ones only)
+    assert [g["name"] for g in task.optimizer_groups(cfg.lr, cfg.lr_backbone, cfg.weight_decay)] == [
+        "head", "head.no_decay"]
+    assert freeze_untrained(task, [{"params": list(task.parameters())}]) == []
+    assert all(p.requires_grad for p in task.parameters())
+
+    w, b = nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.zeros(2))
+    assert [g["name"] for g in build_optimizer([{"params": [w]}, {"params": [b]}], cfg).param_groups] == [
+        "group0", "group1"]
+    with pytest.raises(ValueError, match="unique"):
+        build_optimizer([{"params": [w], "name": "a"}, {"params": [b], "name": "a"}], cfg)
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def _lrs_per_step(cfg: LoopConfig, base_lrs: list[float]) -> list[list[float]]:
+    """The lr each group trains with at steps 0 .. max_steps-1."""
+    params = [nn.Parameter(torch.zeros(1)) for _ in base_lrs]
+    groups = [{"params": [p], "lr": lr, "name": f"g{i}"} for i, (p, lr) in enumerate(zip(params, base_lrs, strict=True))]
+    opt = build_optimizer(groups, cfg)
+    sched = build_scheduler(opt, cfg)
+    out = []
+    for _ in range(cfg.max_steps):
+        out.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize(("max_steps", "warmup", "min_ratio"), [(10, 3, 0.1), (7, 0, 0.0), (5, 5, 0.5)])
+def test_warmup_cosine_schedule_matches_the_formula(max_steps, warmup, min_ratio):
+    cfg = _cfg(max_steps=max_steps, warmup_steps=warmup, min_lr_ratio=min_ratio, schedule="cosine")
+    base = [1e-3, 2e-5]
+    for s, lrs in enumerate(_lrs_per_step(cfg, base)):
+        if s < warmup:
+            factor = (s + 1) / warmup
+        else:
+            progress = min(1.0, (s - warmup) / max(1, max_steps - warmup))
+            factor = min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        assert lrs == pytest.approx([b * factor for b in base], rel=1e-12), s
+    if warmup < max_steps:  # the first step after warm-up trains at the full rate
+        assert _lrs_per_step(cfg, base)[warmup] == pytest.approx(base, rel=1e-12)
+
+
+def test_constant_schedule_after_warmup():
+    lrs = _lrs_per_step(_cfg(max_steps=6, warmup_steps=2, schedule="constant"), [1e-3])
+    assert [x[0] for x in lrs] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3], rel=1e-12)
+
+
+@pytest.mark.parametrize(("max_steps", "warmup"), [(20, 6), (10, 2), (100, 0), (3, 1)])
+def test_onecycle_schedule_matches_the_formula(max_steps, warmup):
+    ratio = 0.1
+    cfg = _cfg(max_steps=max_steps, warmup_steps=warmup, min_lr_ratio=ratio, schedule="onecycle")
+    base = [1e-3, 4e-5]
+    pct = min(0.5, max(warmup / max_steps, 0.01))
+    if pct * max_steps <= 1:  # the warm-up lasts at least part of a step
+        pct = 1.5 / max_steps
+    up_end = pct * max_steps - 1  # the step at which the peak is reached
+
+    def cos_anneal(start, end, p):
+        return end + (start - end) / 2 * (1 + math.cos(math.pi * p))
+
+    lrs = _lrs_per_step(cfg, base)
+    for s, got in enumerate(lrs):
+        want = []
+        for b in base:
+            if s <= up_end:
+                want.append(cos_anneal(b / 10, b, s / up_end))
+            else:
+                want.append(cos_anneal(b, b * ratio, (s - up_end) / (max_steps - 1 - up_end)))
+        assert got == pytest.approx(want, rel=1e-9), s
+    assert lrs[0] == pytest.approx([b / 10 for b in base], rel=1e-9)  # starts at lr / 10
+    assert lrs[-1] == pytest.approx([b * ratio for b in base], rel=1e-9)  # ends at lr * min_lr_ratio
+    if up_end == int(up_end):
+        assert lrs[int(up_end)] == pytest.approx(base, rel=1e-9)  # peaks at each group's lr
+
+
+# --------------------------------------------------------------------------- accumulation and AMP
+
+
+def _grads_at_each_step(task: RegressionTask, cfg: LoopConfig, steps: int) -> list[list[torch.Tensor]]:
+    """Run ``steps`` train_steps; the gradients the optimiser stepped with (after clipping)."""
+    groups = task.optimizer_groups(cfg.lr, cfg.lr_backbone, cfg.weight_decay)
+    freeze_untrained(task, groups)
+    opt = build_optimizer(groups, cfg)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append([p.grad.clone() for g in o.param_groups
+                                                            for p in g["params"]]))  # fmt: skip
+    sched = build_scheduler(opt, cfg)
+    for step in range(steps):
+        train_step(task, opt, sched, cfg, step, device=torch.device("cpu"))
+    return seen
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_gradient_accumulation_equals_one_large_batch(clip):
+    big, acc = RegressionTask(), RegressionTask()
+    g_big = _grads_at_each_step(big, _cfg(grad_accum=1, grad_clip=clip), 3)
+    g_acc = _grads_at_each_step(acc, _cfg(grad_accum=4, grad_clip=clip), 3)
+    for a, b in zip(g_big, g_acc, strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-7)
+    for k, v in _params(big).items():
+        torch.testing.assert_close(_params(acc)[k], v, rtol=1e-5, atol=1e-6)
+
+    if not clip:  # the first step's gradient is that of the batch's mean loss, by autograd
+        ref = RegressionTask()
+        rows = torch.as_tensor(ref.sampler.batch(0))
+        loss = F.mse_loss(ref.model(ref.x[rows]), ref.y[rows])
+        params = [p for g in ref.optimizer_groups(1.0, 1.0, 0.0) for p in g["params"]]
+        for want, got in zip(torch.autograd.grad(loss, params), g_acc[0], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_accumulated_run_matches_large_batch_run_end_to_end(tmp_path):
+    big, acc = RegressionTask(), RegressionTask()
+    s_big = run_training(big, _cfg(grad_accum=1), tmp_path / "big", progress=False)
+    s_acc = run_training(acc, _cfg(grad_accum=4), tmp_path / "acc", progress=False)
+    assert s_big["samples"] == s_acc["samples"] == 4 * 16
+    assert s_acc["final_loss"] == pytest.approx(s_big["final_loss"], rel=1e-5)
+    for k, v in _params(big).items():
+        torch.testing.assert_close(_params(acc)[k], v, rtol=1e-5, atol=1e-6)
+    assert len(acc.forward_dtypes) == 4 * len(big.forward_dtypes)
+
+
+def test_bf16_autocast_on_cpu():
+    cpu = torch.device("cpu")
+    ctx, scaler = autocast_for(cpu, "auto")
+    assert scaler is None and not isinstance(ctx, torch.autocast)  # auto = fp32 on CPU
+    task = RegressionTask()
+    cfg = _cfg(amp="bf16")
+    ctx, scaler = autocast_for(cpu, cfg.amp)
+    assert isinstance(ctx, torch.autocast) and scaler is None  # bf16 needs no loss scaling
+    opt = build_optimizer(task.optimizer_groups(cfg.lr, cfg.lr_backbone, cfg.weight_decay), cfg)
+    before = _params(task)
+    logs, samples = train_step(task, opt, build_scheduler(opt, cfg), cfg, 0, device=cpu, autocast=ctx)
+    assert task.forward_dtypes == [torch.bfloat16]
+    assert samples == 16 and math.isfinite(logs["loss"]) and logs["loss"] > 0
+    after = _params(task)
+    assert all(v.dtype == torch.float32 for v in after.values())  # master weights stay fp32
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 + GradScaler needs CUDA")
+def test_fp16_with_grad_scaler_on_cuda():
+    dev = torch.device("cuda")
+    task = RegressionTask().to(dev)
+    cfg = _cfg(amp="fp16", device="cuda")
+    ctx, scaler = autocast_for(dev, cfg.amp)
+    assert isinstance(scaler, torch.amp.GradScaler)
+    opt = build_optimizer(task.optimizer_groups(cfg.lr, cfg.lr_backbone, cfg.weight_decay), cfg)
+    sched = build_scheduler(opt, cfg)
+    before = _params(task)
+    for step in range(3):
+        logs, _ = train_step(task, opt, sched, cfg, step, device=dev, autocast=ctx, scaler=scaler)
+        assert math.isfinite(logs["loss"])
+    assert set(task.forward_dtypes) == {torch.float16}
+    assert scaler.get_scale() > 0
+    after = _params(task)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+# --------------------------------------------------------------------------- InfoNCE
+
+
+def _info_nce_loops(q: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, extra: torch.Tensor | None):
+    """InfoNCE written out: for query i, the logits against every target j and against each of
+    its own extra negatives that is not an all-zero row; loss_i = logsumexp - logit_ii."""
+    losses = []
+    for i in range(q.shape[0]):
+        logits = [scale * sum(q[i, d] * t[j, d] for d in range(q.shape[1])) for j in range(t.shape[0])]
+        if extra is not None:
+            for m in range(extra.shape[1]):
+                if any(float(extra[i, m, d]) != 0 for d in range(extra.shape[2])):
+                    logits.append(scale * sum(q[i, d] * extra[i, m, d] for d in range(q.shape[1])))
+        losses.append(torch.log(sum(torch.exp(x) for x in logits)) - logits[i])
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_info_nce_matches_a_brute_force_reference(with_extra):
+    g = torch.Generator().manual_seed(0)
+    b, d, m = 5, 6, 3
+    q = F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    t = F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1)
+    scale = torch.tensor(4.0, dtype=torch.float64)
+    extra = None
+    if with_extra:
+        extra = F.normalize(torch.randn(b, m, d, generator=g, dtype=torch.float64), dim=-1)
+        extra[1, 2] = 0  # a missing set member
+        extra[3] = 0  # a query with no extra negative at all
+    got = info_nce(q, t, scale, extra)
+    (grad_got,) = torch.autograd.grad(got, q)
+    want = _info_nce_loops(q, t, scale, extra)
+    (grad_want,) = torch.autograd.grad(want, q)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)  # info_nce's logits go through fp32
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-5, atol=1e-6)
+    if with_extra:  # extra negatives make the task harder
+        assert got.item() > info_nce(q, t, scale).item()
+        empty = torch.zeros(b, 0, d, dtype=torch.float64)
+        assert info_nce(q, t, scale, empty).item() == info_nce(q, t, scale).item()
+
+
+# --------------------------------------------------------------------------- logs and interrupts
+
+
+def test_learning_rate_is_logged_per_parameter_group(tmp_path):
+    from mlflow.utils.validation import _validate_metric_name
+
+    from detailfusion.tracking import mlflow_key
+
+    task = RegressionTask()
+    cfg = _cfg(max_steps=5, warmup_steps=2, min_lr_ratio=0.2, log_every=2)
+    logged = []
+    run_training(task, cfg, tmp_path, on_log=lambda step, logs: logged.append((step, logs)), progress=False)
+    names = ["body", "body.no_decay", "head", "head.no_decay"]
+    base = {"body": cfg.lr_backbone, "head": cfg.lr}
+    assert [s for s, _ in logged] == [2, 4, 5]  # every log_every steps and at the end
+    for step, logs in logged:
+        assert "lr" not in logs
+        assert sorted(k for k in logs if k.startswith("lr/")) == [f"lr/{n}" for n in names]
+        progress = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
+        factor = 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # lr of the next step
+        for n in names:
+            assert logs[f"lr/{n}"] == pytest.approx(base[n.split(".")[0]] * factor, rel=1e-12)
+        assert {"loss", "abs_err", "samples_per_s"} <= set(logs)
+        for key in logs:  # the CLI logs them to MLflow as train/<key>, unchanged by the key cleaner
+            assert mlflow_key(f"train/{key}") == f"train/{key}"
+            _validate_metric_name(f"train/{key}")
+
+
+def test_interrupt_checkpoints_the_completed_steps_and_resume_matches(tmp_path):
+    ref = RegressionTask()
+    run_training(ref, _cfg(max_steps=5), tmp_path / "ref", progress=False)
+
+    def stop_after_step_3(step, logs):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    task = RegressionTask()
+    with pytest.raises(KeyboardInterrupt):
+        run_training(task, _cfg(max_steps=5), tmp_path / "run", on_log=stop_after_step_3, progress=False)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 3  # three steps were taken
+
+    resumed = RegressionTask(init_seed=7)  # other initial weights: all state comes from the checkpoint
+    summary = run_training(resumed, _cfg(max_steps=5), tmp_path / "run", progress=False)
+    assert summary["resumed_from"] == 3 and summary["samples"] == 2 * 16
+    want = _params(ref)
+    assert all(torch.equal(v, want[k]) for k, v in _params(resumed).items())
