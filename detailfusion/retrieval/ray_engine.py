@@ -21,7 +21,6 @@ Ray connects as ``ray.init()`` does: to ``RAY_ADDRESS`` when set (e.g. a KubeRay
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 import numpy as np
@@ -47,25 +46,17 @@ class _ShardEmbedder:
         self.shard_size, self.batch_size, self.dtype = shard_size, batch_size, dtype
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from detailfusion.retrieval.embed import autocast_dtype
-        from detailfusion.retrieval.shards import _digest, _embed_shard, _read, _shard_done, _write_shard
+        from detailfusion.retrieval.shards import ensure_shard
 
         out = {"shard": [], "digest": [], "embedded": [], "seconds": []}
-        n = len(self.gallery)
         for i in batch["shard"].tolist():
-            rows = range(i * self.shard_size, min(n, (i + 1) * self.shard_size))
-            raws = [_read(self.gallery, r) for r in rows]
-            digest = _digest(self.gallery, rows, raws)
-            embedded, start = 0, time.perf_counter()
-            if not _shard_done(self.cache, i, digest):
-                emb, meta, errors = _embed_shard(self.model, self.gallery, rows, raws, self.size, self.ratio,
-                                                 self.batch_size, autocast_dtype(self.dtype))
-                _write_shard(self.cache, i, emb, meta, errors, digest)
-                embedded = len(meta)
+            done = ensure_shard(self.model, self.gallery, self.cache, i, shard_size=self.shard_size,
+                                image_size=self.size, target_ratio=self.ratio, batch_size=self.batch_size,
+                                dtype=self.dtype)
             out["shard"].append(i)
-            out["digest"].append(digest)
-            out["embedded"].append(embedded)
-            out["seconds"].append(time.perf_counter() - start if embedded else 0.0)
+            out["digest"].append(done.digest)
+            out["embedded"].append(done.embedded or 0)
+            out["seconds"].append(done.seconds)
         return {k: np.asarray(v) for k, v in out.items()}
 
 

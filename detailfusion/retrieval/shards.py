@@ -174,21 +174,16 @@ def embed_gallery_shards(model, gallery, cache: str | Path, *, model_identity: s
     try:
         with tqdm(total=n, desc="gallery shards", unit="img", disable=not progress) as bar:
             for i in range(n_shards):
-                rows = range(i * shard_size, min(n, (i + 1) * shard_size))
-                raws = list(pool.map(lambda r: _read(gallery, r), rows)) if pool else [_read(gallery, r) for r in rows]
-                digest = _digest(gallery, rows, raws)
-                digests.append(digest)
-                if _shard_done(cache, i, digest):
+                done = ensure_shard(model, gallery, cache, i, shard_size=shard_size, image_size=image_size,
+                                    target_ratio=target_ratio, batch_size=batch_size, dtype=dtype, pool=pool)
+                digests.append(done.digest)
+                if done.embedded is None:
                     stats["shards_reused"] += 1
                 else:
-                    start = time.perf_counter()
-                    emb, meta, errors = _embed_shard(model, gallery, rows, raws, image_size, target_ratio, batch_size,
-                                                        autocast_dtype(dtype))
-                    _write_shard(cache, i, emb, meta, errors, digest)
-                    stats["embed_seconds"] += time.perf_counter() - start
+                    stats["embed_seconds"] += done.seconds
                     stats["shards_embedded"] += 1
-                    stats["images_embedded"] += len(meta)
-                bar.update(len(rows))
+                    stats["images_embedded"] += done.embedded
+                bar.update(done.rows)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -197,6 +192,34 @@ def embed_gallery_shards(model, gallery, cache: str | Path, *, model_identity: s
     out.stats["content_digest"] = hashlib.sha256("".join(digests).encode()).hexdigest()
     out.stats["images_per_s"] = (stats["images_embedded"] / stats["embed_seconds"]) if stats["embed_seconds"] else None
     return out
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What :func:`ensure_shard` did: ``embedded`` is None when a finished shard was reused."""
+
+    digest: str
+    rows: int
+    embedded: int | None
+    seconds: float
+
+
+def ensure_shard(model, gallery, cache: Path, i: int, *, shard_size: int, image_size: int, target_ratio: float,
+                 batch_size: int, dtype: str | None, pool: ThreadPoolExecutor | None = None) -> ShardResult:
+    """Make shard ``i`` of ``cache`` complete: reuse it when its content digest matches, else embed and write it.
+
+    The one shard worker of both engines (the local loop above and the Ray actors).
+    """
+    rows = range(i * shard_size, min(len(gallery), (i + 1) * shard_size))
+    raws = list(pool.map(lambda r: _read(gallery, r), rows)) if pool else [_read(gallery, r) for r in rows]
+    digest = _digest(gallery, rows, raws)
+    if _shard_done(cache, i, digest):
+        return ShardResult(digest, len(rows), None, 0.0)
+    start = time.perf_counter()
+    emb, meta, errors = _embed_shard(model, gallery, rows, raws, image_size, target_ratio, batch_size,
+                                     autocast_dtype(dtype))
+    _write_shard(cache, i, emb, meta, errors, digest)
+    return ShardResult(digest, len(rows), len(meta), time.perf_counter() - start)
 
 
 def _read(gallery, row: int) -> bytes | np.ndarray | Exception:
