@@ -263,7 +263,9 @@ def run_training(
     task.to(device)
 
     groups = task.optimizer_groups(cfg.lr, cfg.lr_backbone, cfg.weight_decay)
-    freeze_untrained(task, groups)
+    frozen = freeze_untrained(task, groups)
+    if frozen and rank == 0:
+        log.info("%s: %d parameter tensors in no optimiser group are frozen", task.name, len(frozen))
     optimizer = build_optimizer(groups, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     autocast, scaler = autocast_for(device, cfg.amp)
