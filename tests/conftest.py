@@ -34,7 +34,9 @@ def shrink_params(params: dict, root: Path, relative: bool = False) -> dict:
                              offline_record=str(root / "metrics" / "tracking_offline.json"),
                              system_metrics=False)
     s = p["synthesize"]
-    s["cirr"].update(train_queries=160, val_queries=48, test1_queries=40)
+    # 4 queries per set and few shared images keep the val/test1 galleries above the 51 images a
+    # CIRR submission needs (50 names besides the reference).
+    s["cirr"].update(train_queries=160, val_queries=48, test1_queries=40, queries_per_set=4, shared_fraction=0.1)
     s["fashioniq"].update(train_per_category=24, val_per_category=12, test_per_category=6)
     s["ipr2pr"].update(originals=24, edits_per_original=3, shards=2)
     for stage, steps in (("stage1_detail", 3), ("stage2_branches", 4), ("stage3_fusion", 3)):

@@ -222,6 +222,48 @@ def test_cirr_sidecar_fills_edit_types(tmp_path):
     assert ds.queries["edit_types"].tolist() == [["color"], ["color", "add"]] * 6
 
 
+def _write_heldout_targets(root: Path, drop: int = 0, extra: bool = False) -> dict[str, str]:
+    """The held-out targets sidecar for the fixture's test1 (each reference's target is the next member)."""
+    records = json.loads((root / "captions" / "cap.rc2.test1.json").read_text())
+    targets = {}
+    for r in records[drop:]:
+        members = r["img_set"]["members"]
+        targets[str(r["pairid"])] = members[members.index(r["reference"]) + 1]
+    if extra:
+        targets["123"] = records[0]["img_set"]["members"][0]
+    (root / "synthetic_targets.json").write_text(json.dumps({"test1": targets}))
+    return targets
+
+
+def test_cirr_heldout_targets_sidecar_fills_test1_targets_only(tmp_path):
+    root = write_cirr(tmp_path / "c")
+    plain = read_cirr(root).queries
+    assert plain.loc[plain["split"] == "test1", "target"].isna().all()  # real data: no sidecar, no targets
+    targets = _write_heldout_targets(root)
+    q = read_cirr(root).queries
+    test1 = q[q["split"] == "test1"]
+    assert dict(zip(test1["query_id"], test1["target"], strict=True)) == targets
+    assert test1["target_soft"].isna().all()
+    assert q.loc[q["split"] != "test1", "target"].tolist() == plain.loc[plain["split"] != "test1", "target"].tolist()
+    assert read_cirr(root, splits=["val"]).queries["split"].eq("val").all()
+
+
+@pytest.mark.parametrize("spoil, match", [
+    ("missing", "no held-out target for test1 pairid"),
+    ("extra", "held-out target\\(s\\) for pairids not in test1"),
+    ("type", "held-out target must be str"),
+])
+def test_cirr_heldout_targets_sidecar_errors_name_the_file(tmp_path, spoil, match):
+    root = write_cirr(tmp_path / "c")
+    side = root / "synthetic_targets.json"
+    _write_heldout_targets(root, drop=1 if spoil == "missing" else 0, extra=spoil == "extra")
+    if spoil == "type":
+        _edit_json(side, lambda d: d["test1"].update({next(iter(d["test1"])): 7}))
+    with pytest.raises(DataFormatError, match=match) as err:
+        read_cirr(root)
+    assert str(side) in str(err.value)
+
+
 def test_cirr_missing_image_raises_file_not_found(tmp_path):
     root = write_cirr(tmp_path / "c", splits=("val",))
     ds = read_cirr(root)
@@ -477,3 +519,37 @@ def test_fiq_separate_image_root(tmp_path):
     assert ds.warnings == []
     assert ds.images["path"].str.startswith("../pics/").all()
     assert ds.open_image_bytes(ds.images.iloc[0]).startswith(JPEG_MAGIC)
+
+
+# --------------------------------------------------------------------------- CIRR set structure (stats)
+
+REAL_CIRR = Path(__file__).resolve().parents[2] / "shared" / "real-annotations" / "cirr"
+
+
+def test_stats_cirr_structure_on_fixture(tmp_path):
+    root = write_cirr(tmp_path / "c")
+    out = dataset_stats("cirr", root)
+    val = out["splits"]["val"]["structure"]
+    # 2 disjoint sets, 2 queries each with its own reference; train has one image in no set.
+    assert val == {"sets": 2, "queries_per_set": 2.0, "images_per_set": 6.0, "references_per_set": 2.0,
+                   "shared_images": 0, "shared_image_fraction": 0.0, "gallery_images_in_no_set": 0}
+    assert out["splits"]["train"]["structure"]["gallery_images_in_no_set"] == 1
+
+    def share(d):  # the second set reuses two images of the first
+        d[2]["img_set"]["members"][:2] = d[0]["img_set"]["members"][2:4]
+        d[3]["img_set"]["members"] = d[2]["img_set"]["members"]
+
+    _edit_json(root / "captions" / "cap.rc2.val.json", share)
+    val = dataset_stats("cirr", root, split="val")["splits"]["val"]["structure"]
+    assert val["shared_images"] == 2 and val["shared_image_fraction"] == round(2 / 12, 4)
+    assert val["gallery_images_in_no_set"] == 2
+
+
+@pytest.mark.skipif(not REAL_CIRR.is_dir(), reason=f"real annotations not present at {REAL_CIRR}")
+def test_stats_cirr_structure_on_the_real_val_annotations(capsys):
+    assert main(["data", "stats", "cirr", str(REAL_CIRR), "--split", "val"]) == 0
+    val = json.loads(capsys.readouterr().out)["splits"]["val"]["structure"]
+    assert val["sets"] == 503 and val["queries_per_set"] == round(4181 / 503, 3)
+    assert val["images_per_set"] == 6.0 and val["shared_images"] == 549
+    assert val["shared_image_fraction"] == round(549 / 2297, 4)
+    assert val["references_per_set"] > 5

@@ -29,9 +29,10 @@ from detailfusion.data.synthetic import (
     generate,
 )
 from detailfusion.data.synthetic import render as render_mod
-from detailfusion.data.synthetic.cirr import build_set
+from detailfusion.data.synthetic.cirr import build_sets
+from detailfusion.data.synthetic.pairs import edits_between
 from detailfusion.data.synthetic.rng import Stream
-from detailfusion.data.synthetic.scenes import apply_edit
+from detailfusion.data.synthetic.scenes import apply_edit, random_scene, sample_edit
 from detailfusion.errors import ConfigError
 
 IMAGE_SIZE = 64
@@ -49,8 +50,9 @@ def tiny_config(seed: int = 11, **cirr) -> SynthConfig:
             train_queries=cirr.get("train", CIRR_N["train"]),
             val_queries=CIRR_N["val"],
             test1_queries=CIRR_N["test1"],
-            queries_per_set=4,
+            queries_per_set=8,
             two_edit_fraction=0.3,
+            shared_fraction=0.24,
         ),
         fashioniq=FiqSynthConfig(
             train_per_category=FIQ_N["train"], val_per_category=FIQ_N["val"], test_per_category=FIQ_N["test"],
@@ -153,7 +155,7 @@ def test_cirr_records_have_the_native_structure(out):
             assert all(m in split_map for m in members)
             assert 0 <= img_set["reference_rank"] <= 5
             assert isinstance(r["caption"], str) and r["caption"] == r["caption"].strip() and r["caption"]
-            # Queries sharing a set id share the member list (and thus the reference).
+            # Queries sharing a set id share the member list (not the reference: any member can be one).
             assert members_by_set.setdefault(img_set["id"], members) == members
             seen_members.update(members)
             kinds = sidecar[split][str(r["pairid"])]
@@ -185,26 +187,84 @@ def test_cirr_images_exist_and_members_are_distinct_pictures(out):
             assert len({pixels[m] for m in members}) == 6, f"pairid {r['pairid']}: two members look the same"
 
 
-def test_every_variant_is_made_from_the_reference_and_two_edit_partials_are_members():
-    rng = Stream(3, "test-sets")
-    n_double = 0
-    for _ in range(300):
-        s = build_set(rng, queries=4, two_edit_fraction=0.5)
-        keys = [s.reference.key()] + [v.scene.key() for v in s.variants]
-        assert len(keys) == 6 and len(set(keys)) == 6
-        assert len(s.queries) == 4 and len(set(s.queries)) == 4
-        for v in s.variants:
-            # Counterfactual construction: replaying the variant's edits on the reference gives it.
-            scene = s.reference
-            for e in v.edits:
+def test_every_query_edit_path_turns_its_reference_into_its_target():
+    """Queries go in any direction inside a set; each caption's edits lead exactly from reference to target."""
+    _, b = build_sets(3, "val", 800, 8, 0.3, 0.24)
+    n_two = 0
+    refs_per_set = []
+    for image_set in b.sets:
+        keys = [b.scenes[m].key() for m in image_set.members]
+        assert len(image_set.members) == 6 and len(set(keys)) == 6, "members are distinct pictures"
+        pairs = [(q.reference, q.target) for q in image_set.queries]
+        assert len(set(pairs)) == len(pairs) and not any((t, r) in pairs for r, t in pairs)
+        for q in image_set.queries:
+            assert {q.reference, q.target} <= set(image_set.members) and q.reference != q.target
+            scene = b.scenes[q.reference]
+            for before, e in zip(q.befores, q.edits, strict=True):
+                assert before.key() == scene.key()
                 scene = apply_edit(scene, e)
-            assert scene.key() == v.scene.key()
-            if len(v.edits) == 2:
-                n_double += 1
-                assert v.partial is not None and v.partial.key() in keys, "partial target must be a member"
-                assert v.edits[0].kind != v.edits[1].kind or v.edits[0].kind == "add"
-                assert not (v.edits[1].touched & v.edits[0].touched)
-    assert n_double > 200
+            assert scene.key() == b.scenes[q.target].key()
+            assert 1 <= len(q.edits) <= 2
+            n_two += len(q.edits) == 2
+        refs_per_set.append(len({q.reference for q in image_set.queries}))
+    n = sum(len(s.queries) for s in b.sets)
+    assert n == 800 and 0.2 < n_two / n < 0.45
+    assert np.mean(refs_per_set) > 4, "not a star: most members are the reference of some query"
+
+
+def test_edits_between_inverts_and_composes_edits():
+    rng = Stream(5, "test-pairs")
+    for _ in range(200):
+        centre = random_scene(rng)
+        e1 = sample_edit(rng, centre, rng.choice(["colour", "add", "remove", "position", "background"]))
+        if e1 is None:
+            continue
+        v1 = apply_edit(centre, e1, rng)
+        back = edits_between(v1, centre)
+        assert back is not None and len(back[0]) == 1, (e1, back)
+        assert apply_edit(v1, back[0][0]).key() == centre.key()
+        e2 = sample_edit(rng, centre, "pattern", avoid=e1.touched)
+        if e2 is None:
+            continue
+        v2 = apply_edit(centre, e2, rng)
+        found = edits_between(v1, v2)  # undo e1, then apply e2
+        assert found is not None and len(found[0]) == 2
+    assert edits_between(centre, centre) is None
+
+
+def test_sets_share_images_and_hold_queries_per_set_as_configured(out):
+    """Real CIRR val: 8.3 queries per set, 24 % of the images in more than one set (the tiny config asks 8, 0.24)."""
+    from detailfusion.data.stats import dataset_stats
+
+    val = dataset_stats("cirr", out / "cirr", split="val")["splits"]["val"]["structure"]
+    assert val["sets"] == 30 and val["queries_per_set"] == 8.0 and val["images_per_set"] == 6.0
+    assert 0.2 <= val["shared_image_fraction"] <= 0.28
+    assert val["references_per_set"] > 4  # most members are the reference of some query
+    records, _ = _cirr(out, "val")
+    sets_of: dict[str, set[int]] = defaultdict(set)
+    for r in records:
+        for m in r["img_set"]["members"]:
+            sets_of[m].add(r["img_set"]["id"])
+    assert sum(len(v) > 1 for v in sets_of.values()) == val["shared_images"] > 0
+    none = build_sets(3, "val", 400, 5, 0.3, 0.0)[1]
+    assert max(Counter(m for s in none.sets for m in s.members).values()) == 1
+    assert Counter(len(s.queries) for s in none.sets) == {5: 80}
+
+
+def test_test1_targets_sidecar_round_trips_into_the_manifest(out):
+    from detailfusion.data import read_cirr
+
+    records, _ = _cirr(out, "test1")
+    targets = load(out / "cirr" / "synthetic_targets.json")
+    assert set(targets) == {"test1"} and set(targets["test1"]) == {str(r["pairid"]) for r in records}
+    for r in records:
+        assert "target_hard" not in r  # the official file stays target-free
+        t = targets["test1"][str(r["pairid"])]
+        assert t in r["img_set"]["members"] and t != r["reference"]
+    q = read_cirr(out / "cirr").queries
+    test1 = q[q["split"] == "test1"]
+    assert dict(zip(test1["query_id"], test1["target"], strict=True)) == targets["test1"]
+    assert test1["target_soft"].isna().all()
 
 
 def test_reference_alone_does_not_single_out_the_target(out):
@@ -305,7 +365,7 @@ def test_ipr2pr_shards_use_the_hf_parquet_schema(out):
     assert len(rows) == 12 * 3
     groups = defaultdict(list)
     for r in rows:
-        assert r["original_image"]["path"] is None
+        assert r["edited_image"]["path"] is None
         for col in ("original_image", "edited_image"):
             with Image.open(io.BytesIO(r[col]["bytes"])) as im:
                 assert im.format == "PNG" and im.size == (IMAGE_SIZE, IMAGE_SIZE)
@@ -317,6 +377,9 @@ def test_ipr2pr_shards_use_the_hf_parquet_schema(out):
     for g in groups.values():
         assert len(g) == 3 and len({r["edited_image"]["bytes"] for r in g}) == 3
         assert len({r["original_prompt"] for r in g}) == 1
+        # one path per original, so the reader keeps one gallery image per original
+        assert len({r["original_image"]["path"] for r in g}) == 1
+    assert len({g[0]["original_image"]["path"] for g in groups.values()}) == 12
 
 
 # --------------------------------------------------------------------------- marker, config, CLI
@@ -325,7 +388,7 @@ def test_ipr2pr_shards_use_the_hf_parquet_schema(out):
 def test_marker_records_config_and_counts(out):
     meta = load(out / "SYNTHETIC.json")
     assert meta["config"] == to_dict(tiny_config())
-    assert meta["counts"]["cirr"]["val"] == {"queries": 240, "images": 360, "sets": 60}
+    assert meta["counts"]["cirr"]["val"]["queries"] == 240 and meta["counts"]["cirr"]["val"]["sets"] == 30
     assert meta["counts"]["ipr2pr"]["rows"] == 36
 
 
@@ -342,7 +405,9 @@ def test_config_keys_match_params_yaml():
         (("render_scale",), 0),
         (("seed",), -1),
         (("cirr", "queries_per_set"), 0),
-        (("cirr", "queries_per_set"), 6),
+        (("cirr", "queries_per_set"), 16),
+        (("cirr", "shared_fraction"), 0.35),
+        (("cirr", "shared_fraction"), -0.1),
         (("cirr", "two_edit_fraction"), 1.5),
         (("cirr", "train_queries"), 0),
         (("fashioniq", "shared_fraction"), -0.1),
@@ -423,7 +488,7 @@ def test_cli_synth_writes_the_benchmark(tmp_path, capsys):
     assert load(tmp_path / "data" / "synthetic" / "SYNTHETIC.json")["config"]["seed"] == 5
 
     bad = copy.deepcopy(params)
-    bad["synthesize"]["cirr"]["queries_per_set"] = 9
+    bad["synthesize"]["cirr"]["queries_per_set"] = 16
     p.write_text(yaml.safe_dump(bad))
     assert main(["--params", str(p), "-q", "data", "synth"]) == 2
     assert "queries_per_set" in capsys.readouterr().err

@@ -42,6 +42,9 @@ from detailfusion.errors import DataFormatError
 CIRR_SPLITS = ("train", "val", "test1")
 VERSION = "rc2"
 MEMBERS_PER_SET = 6
+# The synthetic generator's held-out targets of the test splits: {split: {str(pairid): target}}.
+# Real CIRR keeps test targets on its evaluation server, so real data has no such file.
+TARGETS_SIDECAR = "synthetic_targets.json"
 
 
 def read_cirr(
@@ -79,6 +82,7 @@ def read_cirr(
 
     galleries = {split: _read_split_file(spl) for split, _, spl in present}
     sidecar_path, sidecar = load_sidecar([ann / SIDECAR_NAME, root / SIDECAR_NAME])
+    targets_path, targets_sidecar = load_sidecar([ann / TARGETS_SIDECAR, root / TARGETS_SIDECAR])
 
     query_rows: list[dict] = []
     seen_pairids: dict[int, str] = {}
@@ -86,7 +90,10 @@ def read_cirr(
         if cap is None:
             continue
         edits = _sidecar_for(sidecar_path, sidecar, split)
-        query_rows.extend(_read_captions(cap, split, seen_pairids, edits))
+        rows = _read_captions(cap, split, seen_pairids, edits)
+        if split.startswith("test"):
+            _add_heldout_targets(targets_path, targets_sidecar, split, rows)
+        query_rows.extend(rows)
 
     dirs = DirIndex()
     base = _image_base(root, ann, image_root, galleries, dirs)
@@ -176,6 +183,26 @@ def _sidecar_for(path: Path | None, sidecar: dict, split: str) -> dict[str, list
         return {}
     entry = expect_type(path, sidecar[split], dict, f"entry {split!r} (pairid -> edit types)")
     return {str(k): edit_type_list(path, v, f"{split}/{k}") for k, v in entry.items()}
+
+
+def _add_heldout_targets(path: Path | None, sidecar: dict, split: str, rows: list[dict]) -> None:
+    """Fill ``target`` of a test split's queries from the held-out targets sidecar, when it covers the split.
+
+    The sidecar must name a target for every query of the split: a partial held-out set would be
+    scored on a silent subset.
+    """
+    if path is None or split not in sidecar:
+        return
+    entry = expect_type(path, sidecar[split], dict, f"entry {split!r} (pairid -> held-out target)")
+    for row in rows:
+        pid = row["query_id"]
+        if pid not in entry:
+            raise DataFormatError(path, f"no held-out target for {split} pairid {pid}", f"{split}/{pid}")
+        row["target"] = expect_type(path, entry[pid], str, "held-out target", f"{split}/{pid}")
+    extra = set(entry) - {row["query_id"] for row in rows}
+    if extra:
+        raise DataFormatError(path, f"{len(extra)} held-out target(s) for pairids not in {split}, "
+                              f"e.g. {sorted(extra)[0]}", split)
 
 
 def _read_captions(path: Path, split: str, seen: dict[int, str], edits: dict[str, list[str]]) -> list[dict]:

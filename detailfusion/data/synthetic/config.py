@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_QUERIES_PER_SET = 15
+MAX_SHARED_FRACTION = 0.3
+
 
 def _int(name: str, value: object) -> None:
     # Called directly (not through load_section), a config may carry a wrong type; say so plainly.
@@ -26,22 +29,30 @@ def _fraction(name: str, value: float) -> None:
 
 @dataclass
 class CirrSynthConfig:
-    """CIRR-format composed queries: counts per split and how queries share 6-image sets."""
+    """CIRR-format composed queries: counts per split, queries per 6-image set, images shared by sets.
 
-    train_queries: int = 20000
+    Real CIRR val has 8.3 queries per set and 24 % of its images in more than one set.
+    """
+
+    train_queries: int = 6000
     val_queries: int = 2000
     test1_queries: int = 500
-    queries_per_set: int = 4
+    queries_per_set: int = 8
     two_edit_fraction: float = 0.3
+    shared_fraction: float = 0.24
 
     def validate(self) -> None:
         for name in ("train_queries", "val_queries", "test1_queries"):
             _positive(f"cirr.{name}", getattr(self, name))
         _int("cirr.queries_per_set", self.queries_per_set)
-        if not 1 <= self.queries_per_set <= 5:
-            # A set is the reference plus 5 variants; each query's target is one variant.
-            raise ValueError(f"cirr.queries_per_set must be in 1..5, got {self.queries_per_set}")
+        if not 1 <= self.queries_per_set <= MAX_QUERIES_PER_SET:
+            # Queries are pairs of distinct members in one direction: at most 6 * 5 / 2 per set.
+            raise ValueError(f"cirr.queries_per_set must be in 1..{MAX_QUERIES_PER_SET}, got {self.queries_per_set}")
         _fraction("cirr.two_edit_fraction", self.two_edit_fraction)
+        _fraction("cirr.shared_fraction", self.shared_fraction)
+        if self.shared_fraction > MAX_SHARED_FRACTION:
+            # A set reuses at most two images of an earlier set, which caps the share near 1/3.
+            raise ValueError(f"cirr.shared_fraction must be <= {MAX_SHARED_FRACTION}, got {self.shared_fraction}")
 
 
 @dataclass
@@ -63,9 +74,9 @@ class FiqSynthConfig:
 class Ipr2prSynthConfig:
     """IPr2Pr-format (HF parquet) atomic edits."""
 
-    originals: int = 1000
-    edits_per_original: int = 3
-    shards: int = 2
+    originals: int = 12000
+    edits_per_original: int = 5
+    shards: int = 8
 
     def validate(self) -> None:
         _positive("ipr2pr.originals", self.originals)

@@ -17,6 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from detailfusion.config import to_dict
+from detailfusion.data.cirr import TARGETS_SIDECAR
 from detailfusion.data.synthetic import render
 from detailfusion.data.synthetic.cirr import CirrSplit, build_split
 from detailfusion.data.synthetic.config import SynthConfig
@@ -110,7 +111,8 @@ def _write_all(cfg: SynthConfig, root: Path, progress: bool, workers: int) -> di
     # 1. Content (scenes, garments, captions) from per-split random streams; cheap next to drawing.
     total = sum(n_cirr.values()) + len(CATEGORIES) * sum(fiq_per_split.values()) + p.originals
     with tqdm(total=total, desc="synthesize: content", unit="q", disable=not progress) as bar:
-        cirr = {s: build_split(cfg.seed, s, n_cirr[s], c.queries_per_set, c.two_edit_fraction, bar.update)
+        cirr = {s: build_split(cfg.seed, s, n_cirr[s], c.queries_per_set, c.two_edit_fraction, c.shared_fraction,
+                               bar.update)
                 for s in CIRR_SPLITS}
         fiq = build_fashioniq(cfg.seed, fiq_per_split, f.shared_fraction, bar.update)
         ip = build_ipr2pr(cfg.seed, p.originals, p.edits_per_original, bar.update)
@@ -167,6 +169,8 @@ def _write_cirr(root: Path, splits: dict[str, CirrSplit]) -> dict[str, dict[str,
         _dump_json(root / "image_splits" / f"split.rc2.{s}.json", sp.split_map)
         counts[s] = {"queries": len(sp.records), "images": len(sp.split_map), "sets": sp.n_sets}
     _dump_json(root / "synthetic_edits.json", {s: sp.edits for s, sp in splits.items()})
+    # The held-out targets of the test splits, which the official files do not carry.
+    _dump_json(root / TARGETS_SIDECAR, {s: sp.targets for s, sp in splits.items() if sp.targets})
     return counts
 
 

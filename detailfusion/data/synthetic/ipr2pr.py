@@ -4,7 +4,8 @@ Each original scene gets ``edits_per_original`` distinct single-attribute edits 
 (one row each), so rows that share an original are same-original hard negatives. The prompts
 are scene descriptions and the edit prompt is a paraphrased instruction. The parquet layout is
 the one of ``timbrooks/instructpix2pix-clip-filtered``: image columns are
-``struct<bytes: binary, path: string>`` holding PNG bytes with a null path, and the schema
+``struct<bytes: binary, path: string>`` holding PNG bytes (with a null path for edited images, and
+one path per original, shared by its rows: :func:`original_path`), and the schema
 carries the ``huggingface`` features metadata so ``datasets`` decodes them as images.
 """
 
@@ -84,6 +85,13 @@ def build_ipr2pr(seed: int, originals: int, edits_per_original: int,
     return data
 
 
+def original_path(index: int) -> str:
+    """The ``path`` of an original's image struct. Rows of one original share the image, and the
+    path says so: readers then keep one gallery image per original instead of one per row, which
+    halves what ``prepare`` decodes. Edited images keep a null path, as in the HF release."""
+    return f"original-{index:06d}.png"
+
+
 def shard_bounds(originals: int, shards: int) -> list[tuple[int, int]]:
     """Contiguous ranges of originals per shard, so an original's rows stay in one shard."""
     return [(originals * s // shards, originals * (s + 1) // shards) for s in range(shards)]
@@ -121,7 +129,8 @@ def write_shards(root: Path, data: Ipr2prData, original_png: list[bytes], edited
         table = pa.table(
             {
                 "original_prompt": [data.rows[r].original_prompt for r in rows],
-                "original_image": [{"bytes": original_png[data.rows[r].original], "path": None} for r in rows],
+                "original_image": [{"bytes": original_png[data.rows[r].original],
+                                    "path": original_path(data.rows[r].original)} for r in rows],
                 "edit_prompt": [data.rows[r].edit_prompt for r in rows],
                 "edited_prompt": [data.rows[r].edited_prompt for r in rows],
                 "edited_image": [{"bytes": edited_png[r], "path": None} for r in rows],
