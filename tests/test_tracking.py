@@ -24,7 +24,6 @@ from detailfusion.tracking import (
     PIPELINE_RUN_ENV,
     TrackingConfig,
     TrackingOfflineWarning,
-    call_with_retries,
     find_repo_root,
     frame_digest,
     mlflow_key,
@@ -125,31 +124,112 @@ def test_metric_keys_and_frame_digest():
     assert frame_digest(changed) != frame_digest(df)
 
 
-def test_call_with_retries():
-    attempts = []
+def test_http_policy_maps_params_to_mlflow_settings(monkeypatch):
+    from detailfusion.tracking import transport
 
-    def flaky() -> str:
-        attempts.append(1)
-        if len(attempts) < 3:
-            raise ConnectionRefusedError("down")
-        return "ok"
+    assert transport.http_settings(3, 1.0, 30) == {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}  # fmt: skip
+    assert transport.http_settings(0, 0.01, 0.5)["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "1"
+    with pytest.raises(ConfigError, match=r"registry.retries: 11 is outside 0..10"):
+        transport.http_settings(11, 1.0, 30, where="registry")
+    with pytest.raises(ConfigError, match=r"tracking.timeout_s: must be > 0"):
+        transport.http_settings(1, 1.0, 0)
 
-    assert call_with_retries(flaky, retries=3, backoff_s=0.01) == "ok" and len(attempts) == 3
-    attempts.clear()
-    with pytest.raises(ConnectionRefusedError):
-        call_with_retries(flaky, retries=1, backoff_s=0.01)
-    assert len(attempts) == 2
+    # Set once for the process; a setting the environment already had wins.
+    monkeypatch.setattr(transport, "_external", None)
+    for key in transport.HTTP_SETTINGS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
+    transport.configure_http(2, 0.0, 30)
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+    assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "0"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+    monkeypatch.setattr(transport, "_external", None)
 
-    def rejected() -> None:
-        from mlflow.exceptions import MlflowException
 
-        attempts.append(1)
-        raise MlflowException.invalid_parameter_value("bad name")
+class _FailingServer:
+    """A loopback HTTP server that answers every request with ``status`` and counts them: a
+    tracking server that is failing (503) or rejecting a request (400)."""
 
-    attempts.clear()
-    with pytest.raises(Exception, match="bad name"):
-        call_with_retries(rejected, retries=3, backoff_s=0.01)
-    assert len(attempts) == 1  # a rejected request is not retried
+    def __init__(self, status: int, body: dict):
+        import http.server
+        import threading
+
+        self.hits = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                outer.hits += 1
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):  # quiet
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_mlflow_retries_a_failing_server_then_the_session_goes_offline(project, monkeypatch):
+    """The retry policy is MLflow's own (params retries -> MLFLOW_HTTP_REQUEST_MAX_RETRIES); once
+    they are spent the session turns offline; a rejected request is neither retried nor offline."""
+    from mlflow.exceptions import MlflowException
+
+    from detailfusion.tracking import TrackingOffline, TrackingSession
+
+    cfg = TrackingConfig(retries=2, backoff_s=0, timeout_s=5)
+    with _FailingServer(503, {"error_code": "TEMPORARILY_UNAVAILABLE", "message": "down"}) as server:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        session = TrackingSession(cfg)
+        with pytest.raises(TrackingOffline):
+            session.ensure_experiment("cirr")
+        assert server.hits == 3  # the first attempt and two retries
+        assert session.offline and session.failed_call == "get/create experiment detailfusion-cirr"
+        with pytest.raises(TrackingOffline):  # offline for good: no more requests
+            session.call("get run", session.client.get_run, "abc")
+        assert server.hits == 3
+    with _FailingServer(400, {"error_code": "INVALID_PARAMETER_VALUE", "message": "bad name"}) as server:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        session = TrackingSession(cfg)
+        with pytest.raises(MlflowException, match="bad name"):
+            session.ensure_experiment("cirr")
+        assert server.hits == 1 and not session.offline
+
+
+def test_a_corrupt_offline_record_is_moved_aside_not_dropped(project, caplog):
+    from detailfusion.tracking.offline import OfflineRecord, update_offline_record
+
+    record = project / "metrics" / "tracking_offline.json"
+    record.parent.mkdir()
+    record.write_text('{"stages": {"stage1_detail": {"metrics": [')  # cut off mid-write by a crash
+    with caplog.at_level("WARNING", logger="detailfusion.tracking.offline"):
+        OfflineRecord("evaluate", "http://127.0.0.1:9", "detailfusion-cirr", status="FINISHED").write(record)
+    (aside,) = record.parent.glob("tracking_offline.json.corrupt-*")
+    assert aside.read_text() == '{"stages": {"stage1_detail": {"metrics": ['  # kept as it was
+    assert set(json.loads(record.read_text())["stages"]) == {"evaluate"}
+    (line,) = [r.getMessage() for r in caplog.records if "offline tracking record" in r.getMessage()]
+    assert str(record) in line and "not valid JSON" in line and str(aside) in line
+
+    record.write_text('["not", "a", "record"]')
+    update_offline_record(record, lambda stages: stages.pop("evaluate", None))
+    assert not record.exists() and len(list(record.parent.glob("tracking_offline.json.corrupt-*"))) == 2
 
 
 def test_disabled_tracking_is_a_silent_no_op(project, recwarn):

@@ -4,50 +4,50 @@ under it, and it carries the summary (metrics per variant, the JSON and the mark
 The runner (or a Prefect flow) opens the parent with :func:`suite_parent`, exports its id as
 ``$DETAILFUSION_PIPELINE_RUN_ID`` to the ``dvc exp run`` processes (the stages' tracking code
 nests under that run and tags each stage run ``ablation=<variant>`` and ``dvc.exp_name``), and
-at the end calls :func:`log_suite_summary`. Tracking problems never fail the suite: offline, the
-parent is ``None`` / logging returns False and the runner says so.
+at the end calls :func:`log_suite_summary`.
+
+A tracking server that is down when the suite starts stops it before anything runs, with one
+line naming the server (:class:`~detailfusion.tracking.transport.TrackingServerDown`): the
+experiments run in temporary copies of the repository, where the stages' offline records would
+be lost with the copy. A server that goes away later never fails the suite: logging the summary
+returns False and the runner says so.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Any
 
-from detailfusion.config import load_section
 from detailfusion.errors import ConfigError
 from detailfusion.tracking import (
     PIPELINE_RUN_ENV,
     PipelineRun,
     TrackingConfig,
+    TrackingOffline,
     TrackingSession,
     lineage_tags,
     mlflow_key,
 )
-from detailfusion.tracking.runs import MLFLOW_RUN_NAME, TAG_RUN_KIND, _Offline
-
-log = logging.getLogger(__name__)
+from detailfusion.tracking.session import MLFLOW_RUN_NAME, TAG_RUN_KIND
+from detailfusion.tracking.stages import tracking_config
+from detailfusion.tracking.transport import server_down
 
 RUN_KIND = "ablation_suite"
 TAG_FAILED = "ablation.failed"
 TAG_EXPERIMENTS = "ablation.experiments"
 
-
-def tracking_config(params: dict[str, Any], source: str = "params.yaml") -> TrackingConfig | None:
-    """The ``tracking`` section when present and enabled, else None (the suite runs untracked)."""
-    if "tracking" not in params:
-        return None
-    cfg = load_section(TrackingConfig, params, "tracking", source=source)
-    return cfg if cfg.enabled else None
+__all__ = ["RUN_KIND", "log_suite_summary", "suite_parent", "summary_metrics", "tracking_config"]
 
 
 def suite_parent(cfg: TrackingConfig, dataset: str, *, run_id: str | None = None, run_name: str = "ablation-suite",
                  repo_root: Path | None = None) -> PipelineRun:
     """The suite's parent run: the existing run ``run_id`` (left to its owner) or a new one in the
     data set's experiment, tagged with the lineage and ``detailfusion.run_kind=ablation_suite``.
-    Offline, ``run_id`` of the result is None (or the given id, unverified)."""
+
+    Raises :class:`~detailfusion.tracking.transport.TrackingServerDown` when the store is
+    unavailable, :class:`~detailfusion.errors.ConfigError` when ``run_id`` names no run. With
+    tracking disabled, the parent has no run (``run_id`` as given, unverified)."""
     session = TrackingSession(cfg, repo_root)
-    if session.offline:
+    if not cfg.enabled:
         return PipelineRun(session, run_id, None, RUN_KIND, owned=False)
     try:
         if run_id:
@@ -65,10 +65,8 @@ def suite_parent(cfg: TrackingConfig, dataset: str, *, run_id: str | None = None
         run = session.call("create ablation parent run", session.client.create_run, experiment_id,
                            run_name=run_name, tags=tags)  # fmt: skip
         return PipelineRun(session, run.info.run_id, experiment_id, RUN_KIND, owned=True)
-    except _Offline:
-        log.warning("MLflow at %s unreachable: the ablation suite runs without a parent run (%s)",
-                    session.tracking_uri, session.error)  # fmt: skip
-        return PipelineRun(session, run_id, None, RUN_KIND, owned=False)
+    except TrackingOffline:
+        raise server_down(session.tracking_uri, session.error or "no answer") from None
 
 
 def summary_metrics(summary: dict) -> dict[str, float]:
@@ -89,26 +87,12 @@ def log_suite_summary(parent: PipelineRun, summary: dict, failed: dict[str, str]
     FINISHED, or FAILED when a run failed. Returns False when (part of) it could not be logged."""
     if parent.run_id is None:
         return False
-    from mlflow.entities import Metric
-
-    session = parent.session
     ok = parent.set_tags({TAG_EXPERIMENTS: ",".join(experiments), TAG_FAILED: ",".join(sorted(failed)) or "none"})
-    metrics = [Metric(k, v, 0, 0) for k, v in summary_metrics(summary).items()]
-    try:
-        for start in range(0, len(metrics), 500):
-            session.call("log ablation summary", session.client.log_batch, parent.run_id,
-                         metrics=metrics[start : start + 500])  # fmt: skip
-        if failed:
-            session.call("log ablation failures", session.client.log_dict, parent.run_id, failed,
-                         "ablations/failed.json")  # fmt: skip
-    except _Offline:
-        ok = False
+    ok = parent.log_metrics(summary_metrics(summary), what="log ablation summary") and ok
+    if failed:
+        ok = parent.log_dict(failed, "ablations/failed.json") and ok
     for path in files:
         ok = parent.log_artifact(path, artifact_path="ablations") and ok
     if close and parent.owned:
-        try:
-            session.call("end ablation parent run", session.client.set_terminated, parent.run_id,
-                         status="FAILED" if failed else "FINISHED")  # fmt: skip
-        except _Offline:
-            ok = False
+        ok = parent.end("FAILED" if failed else "FINISHED") and ok
     return ok

@@ -18,7 +18,7 @@ from typing import Any
 
 from detailfusion.errors import DetailFusionError
 from detailfusion.registry.config import RegistryConfig
-from detailfusion.tracking.runs import call_with_retries, http_policy
+from detailfusion.tracking.transport import configure_http
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,11 @@ class PromotionLock:
         self.purpose = purpose
         self.token = uuid.uuid4().hex
         self.held = False
+        configure_http(cfg.retries, cfg.backoff_s, cfg.timeout_s, where="registry")
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        with http_policy(self.cfg.timeout_s):
-            return call_with_retries(lambda: fn(*args, **kwargs), retries=self.cfg.retries,
-                                     backoff_s=self.cfg.backoff_s, what=f"{fn.__name__} {self.name}")  # fmt: skip
+        # MLflow retries a failing server itself (detailfusion.tracking.transport)
+        return fn(*args, **kwargs)
 
     def acquire(self) -> None:
         from mlflow.exceptions import MlflowException

@@ -33,7 +33,8 @@ from detailfusion.tracking.lineage import (
     TAG_GIT_DIRTY,
     TAG_PREFECT_FLOW_RUN,
 )
-from detailfusion.tracking.runs import call_with_retries, http_policy, mlflow_key
+from detailfusion.tracking.session import mlflow_key
+from detailfusion.tracking.transport import configure_http
 
 ALIAS_CHAMPION = "champion"
 ALIAS_CHALLENGER = "challenger"
@@ -63,13 +64,13 @@ class _Registry:
     """Retried client calls and the alias/tag reads shared by the operations."""
 
     def __init__(self, client: Any | None, cfg: RegistryConfig):
+        configure_http(cfg.retries, cfg.backoff_s, cfg.timeout_s, where="registry")
         self.client = client or registry_client()
         self.cfg = cfg
 
     def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        with http_policy(self.cfg.timeout_s):
-            return call_with_retries(lambda: fn(*args, **kwargs), retries=self.cfg.retries,
-                                     backoff_s=self.cfg.backoff_s, what=getattr(fn, "__name__", "registry call"))  # fmt: skip
+        # MLflow retries a failing server itself (detailfusion.tracking.transport)
+        return fn(*args, **kwargs)
 
     def by_alias(self, name: str, alias: str) -> Any | None:
         # Read through the model's alias map: servers report a missing alias with different
@@ -115,7 +116,7 @@ class _Registry:
 
 def metrics_from_files(paths: list[str | Path]) -> dict[str, float]:
     """Numbers from metrics JSON files (nested keys joined with ``/``), later files winning."""
-    from detailfusion.tracking.runs import read_metrics_json
+    from detailfusion.tracking.metrics import read_metrics_json
 
     out: dict[str, float] = {}
     for path in paths:

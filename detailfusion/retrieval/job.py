@@ -117,6 +117,9 @@ def run_retrieval(cfg: RetrieveConfig, *, tracking=None, registry=None, params: 
     tracking = tracking or TrackingConfig()
     registry = registry or RegistryConfig()
     model_uri = cfg.model or f"models:/{registry.name_for(cfg.dataset)}@champion"
+    from detailfusion.tracking.transport import configure_http
+
+    configure_http(registry.retries, registry.backoff_s, registry.timeout_s, where="registry")
     resolved = resolve_model(model_uri, resolve_tracking_uri(tracking))
     model = resolved.model.to(cfg.device)
     size, ratio = _settings(cfg, resolved, params)

@@ -100,6 +100,10 @@ def _registry_info(client: Any, uri: str) -> dict[str, Any]:
     try:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as exc:
+        from detailfusion.tracking.transport import is_server_error, server_down
+
+        if is_server_error(exc):  # the server is down, not the alias missing
+            raise server_down(client.tracking_uri, exc) from None
         what = f"alias @{alias}" if alias else f"version {version}"
         raise ModelNotFound(f"{uri}: registered model {name!r} has no {what} ({exc.error_code})") from None
     return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id,

@@ -30,7 +30,8 @@ class TrackingConfig:
     # decides its own artifact location.
     artifact_location: str = "mlartifacts"
     experiment: str = "detailfusion-{dataset}"
-    # Tracking calls are retried with exponential backoff: backoff_s, 2*backoff_s, ...
+    # MLflow retries a failing request itself (detailfusion.tracking.transport): up to `retries`
+    # times, waiting about 0, 2*backoff_s, 4*backoff_s... (whole seconds), timeout_s per attempt.
     retries: int = 3
     backoff_s: float = 1.0
     timeout_s: float = 30.0
@@ -43,10 +44,10 @@ class TrackingConfig:
     offline_record: str = "metrics/tracking_offline.json"
 
     def validate(self) -> None:
-        if self.retries < 0:
-            raise ValueError("retries must be >= 0")
-        if self.backoff_s < 0 or self.timeout_s <= 0:
-            raise ValueError("backoff_s must be >= 0 and timeout_s > 0")
+        if not 0 <= self.retries <= 10:
+            raise ValueError("retries must be within 0..10 (MLflow's limit)")
+        if not 0 <= self.backoff_s <= 120 or self.timeout_s <= 0:
+            raise ValueError("backoff_s must be within 0..120 (MLflow's limit) and timeout_s > 0")
         if self.metrics_batch < 1 or self.metrics_batch > 1000:
             raise ValueError("metrics_batch must be within 1..1000 (MLflow's log_batch limit)")
         if "{dataset}" not in self.experiment:

@@ -15,12 +15,8 @@ from typing import Any
 
 from detailfusion.errors import DataFormatError, DetailFusionError
 from detailfusion.tracking.config import TrackingConfig
-from detailfusion.tracking.runs import (
-    MLFLOW_PARENT,
-    TrackingSession,
-    _Offline,
-    _update_record_file,
-)
+from detailfusion.tracking.offline import update_offline_record
+from detailfusion.tracking.session import MLFLOW_PARENT, TrackingOffline, TrackingSession
 
 TAG_REPLAYED = "detailfusion.replayed"
 
@@ -89,12 +85,12 @@ def replay_offline_record(path: str | Path | None = None, config: TrackingConfig
     for stage, entry in stages.items():
         try:
             done[stage] = _replay_stage(session, stage, entry)
-        except _Offline:
+        except TrackingOffline:
             raise DetailFusionError(
                 f"{path}: tracking at {session.tracking_uri} is still unreachable ({session.error}); "
                 f"replayed {sorted(done) or 'nothing'}, the rest stays in the record"
             ) from None
         finally:
             if stage in done:
-                _update_record_file(path, lambda s, st=stage: s.pop(st, None))
+                update_offline_record(path, lambda s, st=stage: s.pop(st, None))
     return done

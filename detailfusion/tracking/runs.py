@@ -1,4 +1,4 @@
-"""MLflow runs for the pipeline: one parent run per pipeline invocation, one nested run per stage.
+"""MLflow runs for the pipeline: one nested run per stage under the pipeline's parent run.
 
 Use::
 
@@ -8,497 +8,49 @@ Use::
         run.log_metrics_file("metrics/stage2.json")
         run.log_artifacts("plots/stage2", artifact_path="plots")
 
-**Parent run.** DVC runs each stage as its own process, so the stages of one ``dvc repro`` /
-``dvc exp run`` find their common parent run on the server: the parent carries the tag
-``detailfusion.pipeline_key``, built from the DVC process that runs the stages (pid and start
-time, so one invocation = one key) and ``DVC_EXP_NAME``. The first stage creates it, later
-stages find it by that tag. A caller that owns a parent itself (the Prefect ablation flow
-fanning out ``dvc exp run`` s) exports its run id as ``DETAILFUSION_PIPELINE_RUN_ID``, and every
-stage nests under it instead.
-
-**Resilience.** Every tracking call is retried with exponential backoff. When the store stays
-unreachable the run degrades to an offline logger: the stage goes on, what could not be logged
-is kept in ``tracking.offline_record`` (JSON, per stage) and one warning at the end says what is
-missing; ``detailfusion tracking replay`` (:mod:`detailfusion.tracking.replay`) sends it once the
-store is back. Tracking never raises into training code except for programming errors.
+The parent run is found through the DVC process (:mod:`detailfusion.tracking.parent`). MLflow
+retries each call (:mod:`detailfusion.tracking.transport`); when the store stays unavailable
+the session turns offline (:mod:`detailfusion.tracking.session`) and the run degrades to an
+offline logger: the stage goes on, what could not be logged is kept in
+``tracking.offline_record`` (:mod:`detailfusion.tracking.offline`) and one warning at the end
+says what is missing; ``detailfusion tracking replay`` sends it once the store is back.
+Tracking never raises into training code except for programming errors.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import datetime as _dt
-import fcntl
 import json
 import logging
-import math
 import os
 import re
-import socket
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from detailfusion.config import flatten
-from detailfusion.tracking.config import (
-    TrackingConfig,
-    find_repo_root,
-    is_local_store,
-    local_artifact_location,
-    resolve_tracking_uri,
+from detailfusion.tracking.config import TrackingConfig
+from detailfusion.tracking.lineage import frame_digest, lineage_tags
+from detailfusion.tracking.metrics import read_metrics_json
+from detailfusion.tracking.offline import OfflineRecord, TrackingOfflineWarning, clear_offline_record
+from detailfusion.tracking.parent import PipelineRun, pipeline_run
+from detailfusion.tracking.session import (
+    MLFLOW_PARENT,
+    TAG_RUN_KIND,
+    TAG_STAGE,
+    TrackingOffline,
+    TrackingSession,
+    mlflow_key,
 )
-from detailfusion.tracking.lineage import TAG_DVC_STAGE, frame_digest, lineage_tags
 
 if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-PIPELINE_RUN_ENV = "DETAILFUSION_PIPELINE_RUN_ID"
-TAG_PIPELINE_KEY = "detailfusion.pipeline_key"
-TAG_RUN_KIND = "detailfusion.run_kind"
-TAG_STAGE = "detailfusion.stage"
-MLFLOW_PARENT = "mlflow.parentRunId"
-MLFLOW_RUN_NAME = "mlflow.runName"
-
-# MLflow error codes that mean "the request was wrong", not "the server is unreachable".
-_CLIENT_ERRORS = {
-    "INVALID_PARAMETER_VALUE",
-    "RESOURCE_ALREADY_EXISTS",
-    "RESOURCE_DOES_NOT_EXIST",
-    "INVALID_STATE",
-    "PERMISSION_DENIED",
-    "UNAUTHENTICATED",
-    "BAD_REQUEST",
-    "NOT_FOUND",
-}
 _PARAM_VALUE_LIMIT = 6000  # MLflow's maximum param value length
-_INVALID_KEY_CHARS = re.compile(r"[^\w\-. /:]")
-
-
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
-PRIMARY_METRIC_TAG = "mlflow.experiment.primaryMetric.name"
-PRIMARY_METRIC_GREATER_TAG = "mlflow.experiment.primaryMetric.greaterIsBetter"
-
-
-class TrackingOfflineWarning(UserWarning):
-    """The tracking store was unreachable; some of a stage's tracking data was not logged."""
-
-
-class _Offline(Exception):
-    """Internal: the session is offline, record instead of sending."""
-
-
-def mlflow_key(name: str) -> str:
-    """A metric/param key MLflow accepts: ``R@1`` -> ``R_at_1``; other invalid characters -> ``_``.
-
-    The evaluation metrics use ``@`` (``Rsub@1``), which MLflow refuses in names; every run maps
-    them the same way so ablation runs compare column by column.
-    """
-    return _INVALID_KEY_CHARS.sub("_", name.replace("@", "_at_"))
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """True for failures of the transport or the server (retry), False for rejected requests."""
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, MlflowException):
-        return exc.error_code not in _CLIENT_ERRORS
-    try:
-        import requests
-
-        if isinstance(exc, requests.RequestException):
-            return True
-    except ImportError:  # requests ships with mlflow; keep the check independent of it anyway
-        pass
-    return isinstance(exc, OSError | TimeoutError)
-
-
-def call_with_retries(fn: Callable[[], T], *, retries: int, backoff_s: float, what: str = "tracking call") -> T:
-    """Run ``fn``; on a retryable failure wait ``backoff_s * 2**i`` and try again, ``retries`` times.
-
-    Non-retryable errors (a rejected request) propagate at once; the last retryable error
-    propagates after the final attempt.
-    """
-    for attempt in range(retries + 1):
-        try:
-            return fn()
-        except Exception as exc:
-            if not is_retryable(exc) or attempt == retries:
-                raise
-            delay = backoff_s * (2**attempt)
-            log.info("%s failed (%s: %s); retry %d/%d in %.1f s", what, type(exc).__name__, _short(exc), attempt + 1,
-                     retries, delay)  # fmt: skip
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-_HTTP_KEYS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
-_policy_lock = threading.Lock()
-_policy_depth = 0
-_policy_saved: dict[str, str | None] = {}
-
-
-@contextlib.contextmanager
-def http_policy(timeout_s: float) -> Iterator[None]:
-    """Within the block MLflow makes one HTTP attempt per call with ``timeout_s``: our retry loop
-    replaces its own (7 retries by default, minutes of waiting on a dead server).
-
-    MLflow reads these settings from the environment; a counter keeps overlapping blocks in
-    several threads from restoring them while another thread still relies on them.
-    """
-    global _policy_depth, _policy_saved
-    with _policy_lock:
-        if _policy_depth == 0:
-            _policy_saved = {k: os.environ.get(k) for k in _HTTP_KEYS}
-            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(timeout_s)))
-        _policy_depth += 1
-    try:
-        yield
-    finally:
-        with _policy_lock:
-            _policy_depth -= 1
-            if _policy_depth == 0:
-                for key, value in _policy_saved.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
-
-
-def _now_iso() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
-# --------------------------------------------------------------------------- offline record
-
-
-@dataclasses.dataclass
-class OfflineRecord:
-    """What one stage could not log, kept on disk so nothing is lost silently."""
-
-    stage: str
-    tracking_uri: str
-    experiment: str
-    run_id: str | None = None
-    parent_run_id: str | None = None
-    error: str | None = None
-    failed_call: str | None = None
-    since: str | None = None
-    params: dict[str, str] = dataclasses.field(default_factory=dict)
-    tags: dict[str, str] = dataclasses.field(default_factory=dict)
-    metrics: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    artifacts: list[dict[str, str | None]] = dataclasses.field(default_factory=list)
-    datasets: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    status: str | None = None
-
-    def summary(self) -> str:
-        parts = []
-        if self.params:
-            parts.append(f"{len(self.params)} params")
-        if self.tags:
-            parts.append(f"{len(self.tags)} tags")
-        if self.metrics:
-            keys = sorted({m["key"] for m in self.metrics})
-            shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
-            parts.append(f"{len(self.metrics)} metric values ({shown})")
-        if self.artifacts:
-            parts.append(f"{len(self.artifacts)} artifacts")
-        if self.datasets:
-            parts.append(f"{len(self.datasets)} data set inputs")
-        if self.run_id is None:
-            parts.append("the run itself")
-        elif self.status:
-            parts.append(f"the final run status {self.status}")
-        return ", ".join(parts) or "nothing"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def write(self, path: Path) -> None:
-        """Merge this stage's entry into the JSON file at ``path`` (atomic replace)."""
-        _update_record_file(path, lambda stages: stages.__setitem__(self.stage, self.to_dict()))
-
-
-def _update_record_file(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _directory_lock(path.parent):
-        stages: dict[str, Any] = {}
-        if path.is_file():
-            try:
-                stages = json.loads(path.read_text(encoding="utf-8")).get("stages", {})
-            except (json.JSONDecodeError, AttributeError, OSError):
-                stages = {}
-        change(stages)
-        if not stages:
-            path.unlink(missing_ok=True)
-            return
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"stages": stages}, indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-
-
-def clear_offline_record(path: Path, stage: str) -> None:
-    """Drop ``stage`` from the offline record (it logged fine this time)."""
-    if path.is_file():
-        _update_record_file(path, lambda stages: stages.pop(stage, None))
-
-
-@contextlib.contextmanager
-def _directory_lock(folder: Path) -> Iterator[None]:
-    """Exclusive flock on a folder: stages of parallel experiments share metrics/, and locking the
-    folder itself leaves no lock file behind in it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-# --------------------------------------------------------------------------- session
-
-
-class TrackingSession:
-    """One client to one store; sends calls with retries and turns offline after a lasting failure."""
-
-    def __init__(self, cfg: TrackingConfig, repo_root: Path | None = None):
-        self.cfg = cfg
-        self.repo_root = repo_root or find_repo_root()
-        self.tracking_uri = resolve_tracking_uri(cfg, self.repo_root)
-        self.offline = not cfg.enabled
-        self.error: str | None = None
-        self.failed_call: str | None = None
-        self.since: str | None = None
-        self._client = None
-        self._on_offline: list[Callable[[], None]] = []
-
-    @property
-    def client(self):
-        if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(self.tracking_uri)
-        return self._client
-
-    def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn(*args, **kwargs)`` with retries; raises :class:`_Offline` when the store is (now) down."""
-        if self.offline:
-            raise _Offline(what)
-        try:
-            with http_policy(self.cfg.timeout_s):
-                return call_with_retries(
-                    lambda: fn(*args, **kwargs), retries=self.cfg.retries, backoff_s=self.cfg.backoff_s, what=what
-                )
-        except Exception as exc:
-            if not is_retryable(exc):
-                raise
-            self.go_offline(what, exc)
-            raise _Offline(what) from exc
-
-    def go_offline(self, what: str, exc: BaseException) -> None:
-        self.offline = True
-        self.failed_call = what
-        self.error = f"{type(exc).__name__}: {_short(exc)}"
-        self.since = _now_iso()
-        log.info("tracking store %s unreachable during %s; continuing offline", self.tracking_uri, what)
-        for callback in self._on_offline:
-            with contextlib.suppress(Exception):
-                callback()
-
-    # MLflow's UI opens an experiment by its kind: "custom_model_development" ("Machine learning")
-    # shows the training runs table first, not the GenAI overview; the primary metric (the
-    # registry's gating metric) is what the runs table and charts lead with.
-    primary_metric: tuple[str, bool] | None = None
-
-    def experiment_tags(self) -> dict[str, str]:
-        tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-        if self.primary_metric is not None:
-            name, greater = self.primary_metric
-            tags[PRIMARY_METRIC_TAG] = mlflow_key(name)
-            tags[PRIMARY_METRIC_GREATER_TAG] = str(bool(greater)).lower()
-        return tags
-
-    def ensure_experiment(self, dataset: str) -> str:
-        """Id of the experiment for ``dataset``, created (race-safe) if missing."""
-        return self.experiment_id(self.cfg.experiment_name(dataset))
-
-    def experiment_id(self, name: str) -> str:
-        """Id of experiment ``name``, created (race-safe, artifacts under the repo root) if missing."""
-        from mlflow.exceptions import MlflowException
-
-        def get_or_create() -> str:
-            exp = self.client.get_experiment_by_name(name)
-            if exp is not None:
-                if exp.lifecycle_stage == "deleted":
-                    self.client.restore_experiment(exp.experiment_id)
-                return exp.experiment_id
-            location = (
-                local_artifact_location(self.cfg, self.repo_root) if is_local_store(self.tracking_uri) else None
-            )
-            try:
-                return self.client.create_experiment(name, artifact_location=location, tags=self.experiment_tags())
-            except MlflowException as exc:
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                return self.client.get_experiment_by_name(name).experiment_id
-
-        return self.call(f"get/create experiment {name}", get_or_create)
-
-
-# --------------------------------------------------------------------------- pipeline (parent) run
-
-
-@dataclasses.dataclass
-class PipelineRun:
-    """The parent run of one pipeline invocation; ``owned`` when this code manages its status."""
-
-    session: TrackingSession
-    run_id: str | None
-    experiment_id: str | None
-    key: str
-    owned: bool
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> bool:
-        """Attach a file (e.g. the ablation summary table) to the parent run; False when offline."""
-        if self.run_id is None:
-            return False
-        try:
-            self.session.call(f"log_artifact {path}", self.session.client.log_artifact, self.run_id, str(path),
-                              artifact_path)  # fmt: skip
-        except _Offline:
-            return False
-        return True
-
-    def log_metrics(self, metrics: dict[str, float]) -> bool:
-        """Headline metrics on the parent, so pipelines compare at the top level of the runs table."""
-        if self.run_id is None:
-            return False
-        import time as _time
-
-        from mlflow.entities import Metric
-
-        now = int(_time.time() * 1000)
-        batch = [Metric(mlflow_key(k), float(v), now, 0) for k, v in metrics.items()]
-        try:
-            self.session.call("log parent metrics", self.session.client.log_batch, self.run_id, metrics=batch)
-        except _Offline:
-            return False
-        return True
-
-    def set_tags(self, tags: dict[str, Any]) -> bool:
-        if self.run_id is None:
-            return False
-        from mlflow.entities import RunTag
-
-        batch = [RunTag(str(k), str(v)) for k, v in tags.items()]
-        try:
-            self.session.call("set parent tags", self.session.client.log_batch, self.run_id, tags=batch)
-        except _Offline:
-            return False
-        return True
-
-
-def _dvc_ancestor():
-    """The ``dvc`` process (repro, exp run, queue worker) that started us, if any."""
-    try:
-        import psutil
-    except ImportError:
-        return None
-    try:
-        for proc in psutil.Process().parents():
-            try:
-                cmd = proc.cmdline()
-            except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-                continue
-            head = [Path(a).name for a in cmd[:3]]
-            if head and (head[0] == "dvc" or (len(head) > 1 and head[1] == "dvc") or head[1:3] == ["-m", "dvc"]):
-                return proc
-    except (psutil.Error, OSError):
-        return None
-    return None
-
-
-def pipeline_key() -> str:
-    """Identifies one pipeline invocation: the DVC process running the stages (or this process)."""
-    proc = _dvc_ancestor()
-    kind = "dvc" if proc is not None else "process"
-    if proc is None:
-        try:
-            import psutil
-
-            proc = psutil.Process()
-        except ImportError:  # without psutil, this process alone is the invocation
-            proc = None
-    start = int(proc.create_time() * 1000) if proc is not None else 0
-    ident = f"{socket.gethostname()}:{proc.pid if proc is not None else os.getpid()}:{start}"
-    exp = os.environ.get("DVC_EXP_NAME")
-    return f"{kind}:{ident}" + (f":exp={exp}" if exp else "")
-
-
-def _pipeline_run_name() -> str:
-    exp = os.environ.get("DVC_EXP_NAME")
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"exp-{exp}" if exp else f"pipeline-{stamp}"
-
-
-def pipeline_run(
-    dataset: str, config: TrackingConfig | None = None, *, session: TrackingSession | None = None
-) -> PipelineRun:
-    """Find or create the parent run of the current pipeline invocation (see the module docs).
-
-    With ``$DETAILFUSION_PIPELINE_RUN_ID`` set, that run is the parent and is left to its owner.
-    Offline (store unreachable), the returned run has ``run_id=None``.
-    """
-    session = session or TrackingSession(config or TrackingConfig())
-    key = pipeline_key()
-    external = os.environ.get(PIPELINE_RUN_ENV)
-    if session.offline:
-        return PipelineRun(session, external, None, key, owned=False)
-    try:
-        if external:
-            run = session.call("get pipeline run", session.client.get_run, external)
-            return PipelineRun(session, external, run.info.experiment_id, key, owned=False)
-        experiment_id = session.ensure_experiment(dataset)
-        return _find_or_create_parent(session, experiment_id, dataset, key)
-    except _Offline:
-        return PipelineRun(session, external, None, key, owned=False)
-
-
-def _find_or_create_parent(session: TrackingSession, experiment_id: str, dataset: str, key: str) -> PipelineRun:
-    # The stages of one invocation run one after the other (DVC runs a pipeline sequentially, and
-    # only rank 0 of a distributed stage tracks), so find-then-create needs no lock.
-    found = session.call(
-        "find pipeline run",
-        session.client.search_runs,
-        [experiment_id],
-        filter_string=f"tags.`{TAG_PIPELINE_KEY}` = '{key}'",
-        max_results=1,
-    )
-    if found:
-        return PipelineRun(session, found[0].info.run_id, experiment_id, key, owned=True)
-    tags = {TAG_PIPELINE_KEY: key, TAG_RUN_KIND: "pipeline", **lineage_tags(session.repo_root, dataset=dataset)}
-    tags.pop(TAG_DVC_STAGE, None)  # the parent spans stages
-    run = session.call(
-        "create pipeline run", session.client.create_run, experiment_id, run_name=_pipeline_run_name(), tags=tags
-    )
-    return PipelineRun(session, run.info.run_id, experiment_id, key, owned=True)
-
-
-# --------------------------------------------------------------------------- stage (nested) run
 
 
 class StageRun:
@@ -517,7 +69,7 @@ class StageRun:
         self._pending: list[Any] = []  # mlflow Metric objects not yet sent
         self._monitor = None
         self.record = OfflineRecord(stage, session.tracking_uri, self.cfg.experiment_name(dataset))
-        session._on_offline.append(self._stop_monitor)
+        session.on_offline(self._stop_monitor)
 
     # ------------------------------------------------------------ state
     @property
@@ -534,7 +86,7 @@ class StageRun:
             return False
         try:
             self.session.call(what, fn, *args, **kwargs)
-        except _Offline:
+        except TrackingOffline:
             return False
         return True
 
@@ -560,7 +112,7 @@ class StageRun:
                 self.run_id = run.info.run_id
                 self.record.run_id = self.run_id
                 self.record.parent_run_id = self.parent.run_id
-            except _Offline:
+            except TrackingOffline:
                 pass
         if self.run_id is None:
             self.record.tags.update(tags)
@@ -765,29 +317,6 @@ class StageRun:
         if not (self.parent and self.parent.log_artifact(path, artifact_path)):
             self.record.artifacts.append({"path": str(Path(path).resolve()), "artifact_path": artifact_path,
                                           "run": "parent"})  # fmt: skip
-
-
-def read_metrics_json(path: str | Path) -> dict[str, float]:
-    """The finite numbers of a metrics JSON file, nested keys joined with ``/``.
-
-    A missing or malformed file raises :class:`~detailfusion.errors.DataFormatError` naming it.
-    """
-    from detailfusion.errors import DataFormatError
-
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataFormatError(path, "metrics file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataFormatError(path, f"not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise DataFormatError(path, f"top level must be an object, got {type(data).__name__}")
-    return {
-        k.replace(".", "/"): float(v)
-        for k, v in flatten(data).items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    }
 
 
 def _param_value(value: Any) -> str:
