@@ -8,9 +8,7 @@ instead of a traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,45 +22,11 @@ def _print_json(obj: object) -> None:
 # --------------------------------------------------------------------------- tracking
 
 
-@contextlib.contextmanager
 def tracked(args: argparse.Namespace, stage: str, sections: tuple[str, ...], variant: str | None = None):
-    """An MLflow stage run (nested under the pipeline's parent run) for a stage command.
+    """The stage's MLflow run, or ``None`` untracked (``detailfusion.tracking.stages.tracked``)."""
+    from detailfusion.tracking.stages import tracked as stage_tracking
 
-    Yields ``None`` when ``params.yaml`` has no ``tracking`` section or it is disabled. A tracking
-    store that is down never fails the stage (see ``detailfusion.tracking.runs``).
-    """
-    from detailfusion.config import load_params, load_section
-
-    params = load_params(args.params)
-    if "tracking" not in params or os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 tracks
-        yield None
-        return
-    from detailfusion.tracking import TrackingConfig, stage_run
-
-    cfg = load_section(TrackingConfig, params, "tracking", source=args.params)
-    if not cfg.enabled:
-        yield None
-        return
-    dataset = (params.get("stage2_branches") or {}).get("dataset", "cirr")
-    if variant is None and stage not in ("synthesize", "prepare", "validate"):
-        variant = (params.get("model") or {}).get("variant")
-    registry = params.get("registry") or {}
-    primary = (str(registry.get("metric", "Avg")), bool(registry.get("greater_is_better", True)))
-    with stage_run(stage, {k: params[k] for k in sections if k in params}, dataset, variant, config=cfg,
-                   primary_metric=primary) as run:  # fmt: skip
-        yield run
-
-
-def data_source_name(params: dict, dataset: str) -> str:
-    """Name of the data set input in MLflow: ``synthetic-cirr`` for the embedded default, else ``cirr``."""
-    root = str((params.get("data") or {}).get("root", ""))
-    return f"synthetic-{dataset}" if "synthetic" in Path(root).parts else dataset
-
-
-def _log_step(run):
-    if run is None:
-        return None
-    return lambda step, logs: run.log_metrics({f"train/{k}": v for k, v in logs.items()}, step=step)
+    return stage_tracking(args.params, stage, sections, variant)
 
 
 # --------------------------------------------------------------------------- data
@@ -78,10 +42,9 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(_data_root(args.params))
     with tracked(args, "synthesize", ("synthesize",)) as run:
         summary = generate(cfg, out, progress=not args.quiet)
-        if run is not None:
-            run.log_metrics({"synth/seconds": summary["seconds"], "synth/megabytes": summary["megabytes"]})
-            if (out / "SYNTHETIC.json").is_file():
-                run.log_artifact(out / "SYNTHETIC.json")
+        from detailfusion.tracking.stages import log_synthesize
+
+        log_synthesize(run, summary, out)
     _print_json(summary)
     return 0
 
@@ -95,15 +58,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else cfg.out
     with tracked(args, "prepare", ("data", "prepare")) as run:
         summary = run_prepare(cfg, root, out, progress=not args.quiet)
-        if run is not None:
-            from detailfusion.config import load_params
+        from detailfusion.config import load_params
+        from detailfusion.tracking.stages import log_prepare
 
-            params = load_params(args.params)
-            run.log_metrics_file(out / "summary.json", prefix="prepare/")
-            for name in cfg.datasets:
-                run.log_manifest(out / name / "queries.parquet", name=data_source_name(params, name),
-                                 context="prepared")
-                run.log_artifact(out / name / "quarantine.json", artifact_path=f"quarantine/{name}")
+        log_prepare(run, load_params(args.params), out, cfg.datasets)
     _print_json(summary)
     return 0
 
@@ -115,15 +73,15 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     cfg = load_section(ValidateConfig, args.params, "validate")
     prepared = Path(args.prepared) if args.prepared else cfg.prepared
     report_dir = Path(args.report_dir) if args.report_dir else cfg.report_dir
+    from detailfusion.tracking.stages import log_validate, log_validation_report
+
     with tracked(args, "validate", ("validate",)) as run:
         try:
             report = run_validate(cfg, prepared, report_dir)
         finally:
             # the report and Data Docs are written before a violation is raised: log them either way
-            if run is not None and (report_dir / "report.json").is_file():
-                run.log_artifact(report_dir, artifact_path="validation")
-        if run is not None:
-            run.log_metrics({"validate/success": 1.0})
+            log_validation_report(run, report_dir)
+        log_validate(run)
     print(report["summary_text"])
     return 0
 
@@ -142,15 +100,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from detailfusion.train.stages import RUNNERS, StageContext
 
     ctx = StageContext(args.params, models_dir=args.models_dir, metrics_dir=args.metrics_dir)
-    n = args.stage[5]
+    from detailfusion.tracking.stages import log_train, step_logger
+
     with tracked(args, args.stage, ("model", args.stage)) as run:
-        metrics = RUNNERS[args.stage](ctx, progress=not args.quiet, on_log=_log_step(run))
-        if run is not None:
-            run.log_metrics_file(Path(args.metrics_dir) / f"stage{n}.json", prefix=f"stage{n}/")
-            dataset = "ipr2pr" if args.stage == "stage1_detail" else ctx.params["stage2_branches"]["dataset"]
-            manifest = ctx.prepared_dir / dataset / "queries.parquet"
-            if manifest.is_file():
-                run.log_manifest(manifest, name=data_source_name(ctx.params, dataset))
+        metrics = RUNNERS[args.stage](ctx, progress=not args.quiet, on_log=step_logger(run))
+        log_train(run, args.stage, ctx.params, Path(args.metrics_dir), ctx.prepared_dir)
     _print_json(metrics)
     return 0
 
@@ -172,17 +126,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     with tracked(args, "evaluate", ("evaluate",)) as run:
         summary = run_evaluate(cfg, Path(args.model), prepared, dataset, progress=not args.quiet)
-        if run is not None:
-            run.log_metrics_file(cfg.out_metrics)
-            # the headline numbers and the data set on the parent too: two pipelines compare in the
-            # runs table without expanding their children
-            run.log_manifest(prepared / dataset / "queries.parquet", name=data_source_name(params, dataset),
-                             context="evaluation", also_on_parent=True)
-            run.log_parent_metrics(summary["metrics"])
-            for folder, name in ((Path(cfg.out_plots), "plots"), (Path(cfg.out_reports) / "retrieval", "retrieval"),
-                                 (Path(cfg.out_reports) / "submission", "submission")):
-                if folder.exists():
-                    run.log_artifact(folder, artifact_path=name)
+        from detailfusion.tracking.stages import log_evaluate
+
+        log_evaluate(run, params, cfg, summary, prepared, dataset)
     _print_json(summary)
     return 0
 

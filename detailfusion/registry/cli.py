@@ -45,14 +45,14 @@ def _server_errors_as_one_line(cmd):
     @functools.wraps(cmd)
     def run(args: argparse.Namespace) -> int:
         from detailfusion.errors import DetailFusionError
-        from detailfusion.tracking.runs import is_retryable
+        from detailfusion.tracking.transport import is_server_error
 
         try:
             return cmd(args)
         except DetailFusionError:
             raise
         except Exception as exc:
-            if not is_retryable(exc):
+            if not is_server_error(exc):
                 raise
             from detailfusion.registry.lock import RegistryError
             from detailfusion.tracking.config import resolve_tracking_uri
