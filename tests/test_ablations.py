@@ -19,6 +19,8 @@ from detailfusion.errors import ConfigError
 from detailfusion.experiments import (
     EXP_TARGETS,
     MULTI_SEED,
+    SUITE_ENTRIES,
+    SUITE_ORDER,
     VARIANT_ORDER,
     AblationRun,
     collect_from_dvc,
@@ -42,15 +44,17 @@ def test_plan_names_and_multi_seed_only_where_asked():
     from detailfusion.models.variants import list_variants
 
     assert list(VARIANT_ORDER) == list_variants()
+    assert set(SUITE_ORDER) == set(VARIANT_ORDER) | set(SUITE_ENTRIES)
     runs = plan()
-    assert [r.seed for r in runs if r.variant == "full"] == [0, 1, 2]
-    assert [r.seed for r in runs if r.variant == "no_pretrain"] == [0]
-    assert len(runs) == 3 * len(MULTI_SEED) + len(VARIANT_ORDER) - len(MULTI_SEED)
+    for multi in ("full", "gm_only", "no_pretrain", "no_pretrain_dropped"):
+        assert [r.seed for r in runs if r.variant == multi] == [0, 1, 2]
+    assert [r.seed for r in runs if r.variant == "di_only"] == [0]
+    assert len(runs) == 3 * len(MULTI_SEED) + len(SUITE_ORDER) - len(MULTI_SEED)
     assert AblationRun("gm_only", 2).name == "abl-gm_only-s2"
     assert all(parse_name(r.name) == (r.variant, r.seed) for r in runs)
     assert parse_name("pipeline-647a0ddc-green-crow") is None
-    assert [r.name for r in plan(["di_only", "avg_fusion"], [5, 7], prefix="x-y")] == [
-        "x-y-di_only-s5", "x-y-di_only-s7", "x-y-avg_fusion-s5"]
+    assert [r.name for r in plan(["gm_only", "avg_fusion"], [5, 7], prefix="x-y")] == [
+        "x-y-gm_only-s5", "x-y-gm_only-s7", "x-y-avg_fusion-s5"]
 
 
 @pytest.mark.parametrize("variants,seeds,match", [
@@ -71,6 +75,10 @@ def test_set_params_variant_seeds_and_budget_scale_from_params_yaml(tmp_path):
     assert set_params(run, params=REPO_ROOT / "params.yaml") == [
         "model.variant=no_pretrain", "stage1_detail.loop.seed=3", "stage2_branches.loop.seed=3",
         "stage3_fusion.loop.seed=3"]
+    # no_pretrain both ways: stage 1's steps given to stage 2 (default) or stage 1 simply dropped
+    dropped = set_params(AblationRun("no_pretrain_dropped", 1), params=REPO_ROOT / "params.yaml")
+    assert dropped[:2] == ["model.variant=no_pretrain", "stage2_branches.equalize_budget=false"]
+    assert AblationRun("no_pretrain_dropped", 1).model_variant == "no_pretrain"
     scaled = dict(s.split("=") for s in set_params(run, 0.5, REPO_ROOT / "params.yaml"))
     for section in ("stage1_detail", "stage2_branches", "stage3_fusion"):
         assert int(scaled[f"{section}.loop.max_steps"]) == round(real[section]["loop"]["max_steps"] * 0.5)
@@ -130,8 +138,12 @@ def test_parse_exp_show_dvc3_schema():
                {"name": "abl-di_only-s0", "executor": None,
                 "revs": [rev("abl-di_only-s0", "di_only", {}, error={"type": "failed"})]},
                {"name": "pipeline-x", "executor": None, "revs": [rev("pipeline-x", "full", {"cirr": _eval(1.0)})]},
+               {"name": "abl-no_pretrain_dropped-s1", "executor": None,
+                "revs": [rev("abl-no_pretrain_dropped-s1", "no_pretrain", {"cirr": _eval(3.0)})]},
            ]}]
     got = parse_exp_show(doc)
+    # the suite entry comes from the name: no_pretrain_dropped runs model.variant no_pretrain
+    assert got.pop("abl-no_pretrain_dropped-s1")["variant"] == "no_pretrain_dropped"
     assert list(got) == ["abl-full-s1"]
     assert got["abl-full-s1"]["variant"] == "full" and got["abl-full-s1"]["seed"] == 1
     assert got["abl-full-s1"]["dataset"] == "cirr" and got["abl-full-s1"]["metrics"]["R@1"] == 5.0
@@ -143,9 +155,9 @@ def test_parse_exp_show_dvc3_schema():
         for exp in baseline.get("experiments") or []:
             for r in exp["revs"]:
                 r["data"]["metrics"] = {"metrics/headline.json": {"data": {"R@1": 0.0}}}
-    assert parse_exp_show(doc) == {}
+    assert parse_exp_show(doc, ["abl-full-s1"]) == {}
     files = {("rev-abl-full-s1", "metrics/eval.json"): json.dumps({"cirr": _eval(7.0)})}
-    got = parse_exp_show(doc, read_file=lambda rev, path: files.get((rev, path)))
+    got = parse_exp_show(doc, ["abl-full-s1"], read_file=lambda rev, path: files.get((rev, path)))
     assert list(got) == ["abl-full-s1"] and got["abl-full-s1"]["metrics"]["R@1"] == 7.0
 
 

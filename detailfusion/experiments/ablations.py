@@ -37,7 +37,14 @@ from detailfusion.config import load_params
 from detailfusion.errors import ConfigError, DetailFusionError
 
 VARIANT_ORDER = ("full", "no_pretrain", "gm_only", "di_only", "avg_fusion", "no_detail_opt")
-MULTI_SEED = ("full", "gm_only", "di_only")
+# Suite entries that are a model variant plus fixed params: ``no_pretrain`` is run both ways, with
+# stage 1's steps given to stage 2 (equal compute, the variant's default) and with stage 1 simply
+# dropped (``no_pretrain_dropped``, as ablation tables usually read).
+SUITE_ENTRIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "no_pretrain_dropped": ("no_pretrain", ("stage2_branches.equalize_budget=false",)),
+}
+SUITE_ORDER = ("full", "no_pretrain", "no_pretrain_dropped", "gm_only", "di_only", "avg_fusion", "no_detail_opt")
+MULTI_SEED = ("full", "gm_only", "no_pretrain", "no_pretrain_dropped")
 DEFAULT_SEEDS = (0, 1, 2)
 METRICS = ("R@1", "R@5", "R@10", "R@50", "Rsub@1", "Rsub@2", "Rsub@3", "Avg")
 BASELINES = ("reference_only", "text_only", "pixel_reference")
@@ -60,13 +67,21 @@ class AblationRun:
     """One (variant, seed) of the suite; ``name`` is its DVC experiment name (stable, so a rerun
     replaces the experiment of the same baseline instead of adding another)."""
 
-    variant: str
+    variant: str  # a suite entry: a model variant or a key of SUITE_ENTRIES
     seed: int
     prefix: str = NAME_PREFIX
 
     @property
     def name(self) -> str:
         return f"{self.prefix}-{self.variant}-s{self.seed}"
+
+    @property
+    def model_variant(self) -> str:
+        return SUITE_ENTRIES[self.variant][0] if self.variant in SUITE_ENTRIES else self.variant
+
+    @property
+    def fixed_params(self) -> tuple[str, ...]:
+        return SUITE_ENTRIES[self.variant][1] if self.variant in SUITE_ENTRIES else ()
 
 
 def parse_name(name: str) -> tuple[str, int] | None:
@@ -77,13 +92,13 @@ def parse_name(name: str) -> tuple[str, int] | None:
 
 def plan(variants: list[str] | None = None, seeds: list[int] | None = None, *,
          prefix: str = NAME_PREFIX) -> list[AblationRun]:
-    """The suite's runs: every seed for the variants in :data:`MULTI_SEED`, the first seed for the
+    """The suite's runs: every seed for the entries in :data:`MULTI_SEED`, the first seed for the
     others (the ``method.md`` protocol). Unknown or repeated variants/seeds raise ConfigError."""
-    variants = list(VARIANT_ORDER if variants is None else variants)
+    variants = list(SUITE_ORDER if variants is None else variants)
     seeds = list(DEFAULT_SEEDS if seeds is None else seeds)
-    unknown = [v for v in variants if v not in VARIANT_ORDER]
+    unknown = [v for v in variants if v not in SUITE_ORDER]
     if unknown:
-        raise ConfigError(f"ablations: unknown variant(s) {unknown}; choose from {list(VARIANT_ORDER)}")
+        raise ConfigError(f"ablations: unknown variant(s) {unknown}; choose from {list(SUITE_ORDER)}")
     if not variants or len(set(variants)) != len(variants):
         raise ConfigError(f"ablations: variants must be non-empty and unique, got {variants}")
     if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
@@ -101,7 +116,8 @@ def set_params(run: AblationRun, budget_scale: float = 1.0,
     budgets equal."""
     if not (isinstance(budget_scale, int | float) and math.isfinite(budget_scale) and budget_scale > 0):
         raise ConfigError(f"ablations: budget scale must be a number > 0, got {budget_scale!r}")
-    out = [f"model.variant={run.variant}"] + [f"{s}.loop.seed={run.seed}" for s in STAGE_SECTIONS]
+    out = [f"model.variant={run.model_variant}", *run.fixed_params]
+    out += [f"{s}.loop.seed={run.seed}" for s in STAGE_SECTIONS]
     if budget_scale != 1.0:
         source = "params" if isinstance(params, dict) else str(params)
         data = params if isinstance(params, dict) else load_params(params)
@@ -204,7 +220,8 @@ def _result_from_rev(name: str, rev: dict, baseline_rev: str | None,
     dataset = datasets[0]
     params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
     parsed = parse_name(name)
-    variant = (params.get("model") or {}).get("variant") or (parsed[0] if parsed else None)
+    # the suite entry of the name first: no_pretrain_dropped runs model.variant no_pretrain
+    variant = (parsed[0] if parsed else None) or (params.get("model") or {}).get("variant")
     seed = (((params.get("stage2_branches") or {}).get("loop") or {}).get("seed"))
     if seed is None and parsed:
         seed = parsed[1]
@@ -266,7 +283,7 @@ def _ci95(values: list[float]) -> float:
 
 
 def summarize(results: dict[str, dict]) -> dict:
-    """Per variant (in :data:`VARIANT_ORDER`): ``n_seeds``, ``seeds``, ``runs`` (experiment names)
+    """Per suite entry (in :data:`SUITE_ORDER`): ``n_seeds``, ``seeds``, ``runs`` (experiment names)
     and for each metric the mean over seeds, ``<m>_std`` (sample std, 0 for one seed) and, with two
     or more seeds, ``<m>_ci95`` = [low, high] (t interval); plus the baselines' mean R@1.
 
@@ -278,7 +295,7 @@ def summarize(results: dict[str, dict]) -> dict:
         parsed = parse_name(name)
         variant = res.get("variant") or (parsed[0] if parsed else name)
         by_variant.setdefault(variant, {})[name] = res
-    order = [v for v in VARIANT_ORDER if v in by_variant] + sorted(set(by_variant) - set(VARIANT_ORDER))
+    order = [v for v in SUITE_ORDER if v in by_variant] + sorted(set(by_variant) - set(SUITE_ORDER))
     summary: dict[str, dict] = {}
     for variant in order:
         runs = by_variant[variant]
