@@ -23,10 +23,12 @@ def _print_json(obj: object) -> None:
 
 
 def tracked(args: argparse.Namespace, stage: str, sections: tuple[str, ...], variant: str | None = None):
-    """The stage's MLflow run, or ``None`` untracked (``detailfusion.tracking.stages.tracked``)."""
+    """The stage's MLflow run, or ``None`` untracked (``detailfusion.tracking.stages.tracked``);
+    the stage's wall-time breakdown is logged to it before it closes (``detailfusion.timings``)."""
+    from detailfusion.timings import timed_run
     from detailfusion.tracking.stages import tracked as stage_tracking
 
-    return stage_tracking(args.params, stage, sections, variant)
+    return timed_run(stage_tracking(args.params, stage, sections, variant))
 
 
 # --------------------------------------------------------------------------- data
@@ -274,8 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from detailfusion.timings import stage_timer
+
     try:
-        return int(args.func(args) or 0)
+        with stage_timer(args):  # reports/timings/<stage>.json for the pipeline stages (not a DVC output)
+            return int(args.func(args) or 0)
     except DetailFusionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

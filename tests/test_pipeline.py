@@ -4,50 +4,20 @@ params.yaml, in a fresh git + DVC copy of the repository, offline, with a local 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, shrink_params
-
-BIN = Path(sys.executable).parent
-
-
-def _copy_repo(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT, check=True,
-                           capture_output=True, text=True).stdout.split()
-    for rel in files:
-        src = REPO_ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-
-
-def _run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and done.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    return done
+from conftest import shrink_params
+from repo_copy import make_repo_copy
+from repo_copy import run as _run
 
 
 @pytest.fixture
 def repo(tmp_path: Path, real_params: dict):
     root = tmp_path / "repo"
-    root.mkdir()
-    _copy_repo(root)
-    (root / "params.yaml").write_text(yaml.safe_dump(shrink_params(real_params, root, relative=True),
-                                                     sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "DETAILFUSION_"))}
-    env.update(PATH=f"{BIN}:{env['PATH']}", HF_HUB_OFFLINE="1", GX_ANALYTICS_ENABLED="false",
-               DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    _run(["git", "init", "-q", "-b", "main"], root, env)
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "copy"], root, env)
+    env = make_repo_copy(root, shrink_params(real_params, root, relative=True))
     return root, env
 
 

@@ -11,7 +11,9 @@ validates one ``queries`` suite and one ``images`` suite (the rules are in
 * ``data_docs/index.html``: the Great Expectations Data Docs site of this run.
 
 Both are replaced atomically (written aside, then renamed), so a crash never leaves a
-half-written report. When any expectation fails, the report and Data Docs are written first
+half-written report. Both are a pure function of the prepared data, the params and the code
+(no clock readings, run ids or temporary paths; see ``validation/gx_runner.py``), since the
+folder is a DVC output. When any expectation fails, the report and Data Docs are written first
 and then :class:`~detailfusion.errors.ValidationFailed` is raised with the summary, which stops
 the DVC pipeline with a message naming the data set, table, column and offending ids.
 """
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from detailfusion import timings
 from detailfusion.config import to_dict
 from detailfusion.data.manifest import DATASETS, PREPARED_IMAGE_COLUMNS, QUERY_COLUMNS
 from detailfusion.data.validation.checks import (
@@ -99,7 +102,8 @@ def run_validate(cfg: ValidateConfig, prepared: Path, report_dir: Path) -> dict[
     """
     cfg.validate()
     prepared, report_dir = Path(prepared), Path(report_dir)
-    datasets = [load_prepared(prepared / name, name) for name in find_datasets(prepared)]
+    with timings.phase("load_data"):
+        datasets = [load_prepared(prepared / name, name) for name in find_datasets(prepared)]
 
     runs: list[TableRun] = []
     for ds in datasets:
@@ -128,13 +132,16 @@ def run_validate(cfg: ValidateConfig, prepared: Path, report_dir: Path) -> dict[
     report_dir.mkdir(parents=True, exist_ok=True)
     docs_tmp = Path(tempfile.mkdtemp(prefix=f".{DOCS_NAME}-", dir=report_dir))
     try:
-        results = run_suites(runs, docs_tmp)
+        with timings.phase("checks"):  # GX's import and the Data Docs are phases of their own
+            results = run_suites(runs, docs_tmp)
         report = build_report(cfg, prepared, report_dir, datasets, runs, results, gx_version())
-        _replace_dir(docs_tmp, report_dir / DOCS_NAME)
+        with timings.phase("write"):
+            _replace_dir(docs_tmp, report_dir / DOCS_NAME)
     finally:
         shutil.rmtree(docs_tmp, ignore_errors=True)
     report_path = report_dir / REPORT_NAME
-    _write_json_atomic(report_path, report)
+    with timings.phase("write"):
+        _write_json_atomic(report_path, report)
 
     if not report["success"]:
         raise ValidationFailed(report["summary_text"])

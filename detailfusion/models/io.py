@@ -7,6 +7,9 @@ the JSON config and copies the tensors in; nothing is unpickled, so a checkpoint
 Weights can also be moved between variants (a stage-2 GM+DI checkpoint into a ``full`` model, a
 ``gm_only`` model into ``full``...): :func:`load_weights` loads what matches and reports the
 missing and unexpected keys; a shape mismatch is always an error.
+
+Same weights give the same bytes (:func:`write_safetensors`), so DVC hashes of two runs that
+trained identically are identical.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from detailfusion.errors import ConfigError
+from detailfusion.errors import ConfigError, DetailFusionError
 from detailfusion.models.config import ModelConfig
 from detailfusion.models.factory import create_model
 from detailfusion.models.model import DetailFusionModel
@@ -89,15 +92,51 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return out, aliases
 
 
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
+    """``safetensors.torch.save_file`` with a canonical header: same tensors + metadata, same bytes.
+
+    safetensors keeps the metadata in a Rust ``HashMap``, so its keys come out in a random order
+    on every save (two runs writing bit-identical weights gave files with different hashes). The
+    header is rewritten in place with the metadata keys sorted; tensors keep the writer's order
+    (by offset), so the bytes are those of a writer with a sorted map.
+    """
+    path = Path(path)
+    save_file(tensors, str(path), metadata=metadata)
+    canonicalize_safetensors_header(path)
+    return path
+
+
+def canonicalize_safetensors_header(path: str | Path) -> None:
+    """Sort the ``__metadata__`` keys of a safetensors file's JSON header, in place.
+
+    The header keeps its length (the same JSON reordered, padded with spaces as the format
+    allows), so the tensor data is not rewritten; a header that would grow is refused.
+    """
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        meta = header.pop("__metadata__", None)
+        ordered = {"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}
+        ordered.update(header)
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > size:  # not seen: the same entries re-serialised compactly are never longer
+            raise DetailFusionError(
+                f"{path}: cannot rewrite the safetensors header in place ({len(text)} > {size} bytes)"
+            )
+        fh.seek(8)
+        fh.write(text.ljust(size, b" "))
+
+
 def save_pretrained(model: DetailFusionModel, directory: str | Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created); returns it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     tensors, aliases = _dedupe_shared(state)
-    save_file(
-        tensors, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT, "aliases": json.dumps(aliases)}
-    )
+    metadata = {"format": FORMAT, "aliases": json.dumps(aliases, sort_keys=True)}
+    write_safetensors(tensors, directory / WEIGHTS_FILE, metadata=metadata)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -80,6 +80,18 @@ def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
     print(json.dumps(obj, indent=2, default=str) if args.json else text)
 
 
+# What differs between two runs that registered identical models: MLflow ids and the clock.
+RUN_SPECIFIC_KEYS = ("model_uri", "run_id", "parent_run_id", "decided_at")
+
+
+def stable_summary(summary: Any) -> Any:
+    """The publish summary without :data:`RUN_SPECIFIC_KEYS` (at any depth): the register stage's
+    DVC output, so two runs on the same registry state write the same bytes."""
+    if isinstance(summary, dict):
+        return {k: stable_summary(v) for k, v in summary.items() if k not in RUN_SPECIFIC_KEYS}
+    return summary
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from detailfusion.registry.publish import publish_model
 
@@ -105,6 +117,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if args.summary:
         Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    if args.decision:
+        from detailfusion.fsutil import write_json_atomic
+
+        write_json_atomic(args.decision, stable_summary(summary))
     _emit(args, summary, text)
     return 0
 
@@ -168,6 +184,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-promote", action="store_true", help="register only, leave @champion alone")
     p.add_argument("--force", action="store_true", help="promote even when the gate refuses (recorded)")
     p.add_argument("--summary", help="also write the JSON summary to this file")
+    p.add_argument("--decision", help="also write the summary without MLflow ids and times to this file "
+                   "(the register stage's DVC output)")
     p.set_defaults(func=_server_errors_as_one_line(cmd_publish))
 
     p = rsub.add_parser("register", help="register an already logged model as the new @challenger")

@@ -2,9 +2,12 @@
 
 Each stage reads its own ``params.yaml`` section plus ``model``, loads the previous stage's
 model, trains one task with the shared loop, and writes ``models/stageN/model`` (safetensors +
-config), ``models/stageN/summary.json`` and ``metrics/stageN.json``. Checkpoints for resume live
-in ``models/checkpoints/<stage>-<config hash>/`` outside DVC's outputs (DVC deletes outputs
-before rerunning a stage, which would defeat resuming after an interruption).
+config), ``models/stageN/summary.json`` and ``metrics/stageN.json``. These are DVC outputs, so
+they hold results only: clock readings (the loop's seconds, samples/s) go to ``reports/timings/`` and MLflow
+(:mod:`detailfusion.timings`), with the stage's phases (``load_data``, ``train``, ``validate``,
+``write``...). Checkpoints for resume live in ``models/checkpoints/<stage>-<config hash>/``
+outside DVC's outputs (DVC deletes outputs before rerunning a stage, which would defeat resuming
+after an interruption).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from detailfusion import timings
 from detailfusion.config import load_params, load_section, to_dict
 from detailfusion.errors import ConfigError
 from detailfusion.fsutil import write_json_atomic
@@ -96,15 +100,19 @@ def is_main_process() -> bool:
 def _validate(model, prepared, progress: bool) -> dict:
     from detailfusion.eval.evaluate import quick_validation
 
-    return quick_validation(model, prepared, progress=progress) if is_main_process() else {}
+    with timings.phase("validate"):
+        return quick_validation(model, prepared, progress=progress) if is_main_process() else {}
 
 
 def _finish(ctx: StageContext, stage: str, model, summary: dict, extra_metrics: dict, ckpt_dir: Path) -> dict:
     n = STAGES.index(stage) + 1
+    summary = timings.split_run_facts(summary)  # outputs hold results only: DVC hashes them
     metrics = {"stage": stage, "variant": ctx.model_section.variant, **summary, **extra_metrics}
     if is_main_process():
-        _save_stage(model, ctx.models_dir / f"stage{n}", summary, ctx.metrics_dir / f"stage{n}.json", metrics)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        with timings.phase("write"):
+            _save_stage(model, ctx.models_dir / f"stage{n}", summary, ctx.metrics_dir / f"stage{n}.json",
+                        metrics)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics
 
 
@@ -113,7 +121,8 @@ def run_stage1(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
 
     cfg = load_section(Stage1Config, ctx.params, "stage1_detail", source=str(ctx.params_path))
     variant = ctx.variant()
-    model = build_model(ctx.model_section, cfg.loop.seed)
+    with timings.phase("build_model"):
+        model = build_model(ctx.model_section, cfg.loop.seed)
     run_config = {"model": asdict(ctx.model_section), "stage1_detail": to_dict(cfg)}
     ckpt_dir = ctx.checkpoint_dir("stage1_detail", run_config)
     if not variant.stage1 or model.di is None:
@@ -121,14 +130,17 @@ def run_stage1(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
         summary = {"skipped": True, "reason": reason, "steps": 0}
         return _finish(ctx, "stage1_detail", model, summary, {}, ckpt_dir)
 
-    prepared = load_prepared(ctx.prepared_dir, cfg.dataset)
-    triplets = build_triplets(prepared, cfg.split)
+    with timings.phase("load_data"):
+        prepared = load_prepared(ctx.prepared_dir, cfg.dataset)
+        triplets = build_triplets(prepared, cfg.split)
     detail_opt = variant.detail_opt
     mask_ratio = cfg.mask_ratio if detail_opt else 0.0
     grouped = cfg.group_by_original and detail_opt
     sampler = StepSampler(triplets.group, cfg.loop.batch_size, cfg.loop.seed, grouped=grouped)
     task = DetailPretrainTask(model, triplets, prepared.pixels, sampler, cfg.loop.seed, mask_ratio=mask_ratio)
-    summary = run_training(task, cfg.loop, ckpt_dir, run_config=run_config, on_log=on_log, progress=progress)
+    with timings.phase("train"):
+        summary = run_training(task, cfg.loop, ckpt_dir, run_config=run_config, on_log=on_log,
+                               progress=progress)
     summary.update({"skipped": False, "mask_ratio": mask_ratio, "grouped_hard_negatives": grouped,
                     "train_queries": len(triplets), "dropped_queries": triplets.dropped})
     return _finish(ctx, "stage1_detail", model, summary, {}, ckpt_dir)
@@ -141,7 +153,8 @@ def run_stage2(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
     cfg = load_section(Stage2Config, ctx.params, "stage2_branches", source=str(ctx.params_path))
     s1 = load_section(Stage1Config, ctx.params, "stage1_detail", source=str(ctx.params_path))
     variant = ctx.variant()
-    model = load_pretrained(ctx.models_dir / "stage1" / "model")
+    with timings.phase("load_model"):
+        model = load_pretrained(ctx.models_dir / "stage1" / "model")
     loop = cfg.loop
     stage1_ran = variant.stage1 and model.di is not None
     if cfg.equalize_budget and not stage1_ran:
@@ -149,8 +162,9 @@ def run_stage2(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
     run_config = {"model": asdict(ctx.model_section), "stage2_branches": to_dict(cfg), "effective_steps": loop.max_steps}
     ckpt_dir = ctx.checkpoint_dir("stage2_branches", run_config)
 
-    prepared = load_prepared(ctx.prepared_dir, cfg.dataset)
-    triplets = build_triplets(prepared, cfg.split)
+    with timings.phase("load_data"):
+        prepared = load_prepared(ctx.prepared_dir, cfg.dataset)
+        triplets = build_triplets(prepared, cfg.split)
     sampler = StepSampler(triplets.group, loop.batch_size, loop.seed, grouped=False)
     task = BranchFinetuneTask(
         model, triplets, prepared.pixels, sampler, loop.seed,
@@ -158,7 +172,8 @@ def run_stage2(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
         fused_loss_weight=cfg.fused_loss_weight,
         fiq_random_captions=cfg.dataset == "fashioniq",
     )
-    summary = run_training(task, loop, ckpt_dir, run_config=run_config, on_log=on_log, progress=progress)
+    with timings.phase("train"):
+        summary = run_training(task, loop, ckpt_dir, run_config=run_config, on_log=on_log, progress=progress)
     summary.update({"train_queries": len(triplets), "dropped_queries": triplets.dropped,
                     "equalized_budget": loop.max_steps != cfg.loop.max_steps})
     val = _validate(model, prepared, progress)
@@ -195,26 +210,32 @@ def run_stage3(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
 
     cfg = load_section(Stage3Config, ctx.params, "stage3_fusion", source=str(ctx.params_path))
     s2 = load_section(Stage2Config, ctx.params, "stage2_branches", source=str(ctx.params_path))
-    model = load_pretrained(ctx.models_dir / "stage2" / "model")
+    with timings.phase("load_model"):
+        model = load_pretrained(ctx.models_dir / "stage2" / "model")
     run_config = {"model": asdict(ctx.model_section), "stage3_fusion": to_dict(cfg)}
     ckpt_dir = ctx.checkpoint_dir("stage3_fusion", run_config)
-    prepared = load_prepared(ctx.prepared_dir, s2.dataset)
+    with timings.phase("load_data"):
+        prepared = load_prepared(ctx.prepared_dir, s2.dataset)
     if model.afc is None:
         summary = {"skipped": True, "reason": f"variant '{ctx.model_section.variant}' has no compositor", "steps": 0}
         val = _validate(model, prepared, progress)
         return _finish(ctx, "stage3_fusion", model, summary, {"val": val}, ckpt_dir)
 
-    triplets = build_triplets(prepared, s2.split)
+    with timings.phase("load_data"):
+        triplets = build_triplets(prepared, s2.split)
     if cfg.cache_queries and cfg.cache_queries < len(triplets):
         rows = np.sort(np.random.default_rng(cfg.loop.seed).choice(len(triplets), cfg.cache_queries, replace=False))
         triplets = triplets.subset(rows)
     device = resolve_device(cfg.loop.device)
     model.to(device)
-    cache = cache_branch_outputs(model, triplets, prepared.pixels, progress=progress)
+    with timings.phase("cache_branches"):
+        cache = cache_branch_outputs(model, triplets, prepared.pixels, progress=progress)
     model.cpu()
     sampler = StepSampler(np.full(len(triplets), -1), cfg.loop.batch_size, cfg.loop.seed)
     task = FusionTask(model, cache, sampler, cfg.loop.seed, hard_negatives=cfg.hard_negatives)
-    summary = run_training(task, cfg.loop, ckpt_dir, run_config=run_config, on_log=on_log, progress=progress)
+    with timings.phase("train"):
+        summary = run_training(task, cfg.loop, ckpt_dir, run_config=run_config, on_log=on_log,
+                               progress=progress)
     summary.update({"skipped": False, "cached_queries": len(triplets)})
     model.cpu()
     val = _validate(model, prepared, progress)

@@ -6,23 +6,37 @@ inside a DVC stage. Each (data set, table) becomes one suite validated through a
 ``ValidationDefinition`` of an ephemeral context; the validation results stay in the
 context's in-memory store, from which ``build_data_docs`` renders the HTML site into a
 filesystem folder.
+
+The site is a DVC output, so it must be a pure function of the data, the params and the code:
+the run time is fixed (:data:`RUN_TIME`, the Unix epoch, which also names the validation
+pages' folder), and :func:`canonicalize_docs` then removes what GX still draws from the clock
+or from ``uuid4`` (the logo's ``?d=<now>`` cache buster, the batch's ``ge_load_time``, the ids
+of collapsible blocks). The real time of a run is in the stage's MLflow run.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from detailfusion import timings
 from detailfusion.data.validation.checks import Check, RowCondition
 
 DOCS_SITE = "detailfusion"
 RUN_NAME = "detailfusion-validate"
 EXAMPLES = 10  # offending rows kept per failed expectation
+RUN_TIME = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)  # fixed: the Data Docs are a DVC output
+# What GX 1.x renders from the clock or uuid4 (render/view/view.py, templates collapse.j2, top_navbar.j2)
+_CACHE_BUSTER = re.compile(r"\?d=\d{8}T\d{6}\.\d+Z(&?)")
+_LOAD_TIME = re.compile(r"(ge_load_time</span>.{0,400}?)\d{8}T\d{6}\.\d+Z", re.DOTALL)
+_UUID = re.compile(r"(?<=-collapse-body-)[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
 
 
 @dataclass
@@ -51,7 +65,8 @@ def run_suites(runs: list[TableRun], docs_dir: Path) -> dict[str, dict[str, dict
     ``unexpected_percent``, ``unexpected_rows`` (the id columns of a few offending rows),
     ``unexpected_values`` and ``exception`` (GX's message when the expectation itself crashed).
     """
-    gx, gxe = _import_gx()
+    with timings.phase("imports"):
+        gx, gxe = _import_gx()
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -68,7 +83,7 @@ def run_suites(runs: list[TableRun], docs_dir: Path) -> dict[str, dict[str, dict
             },
         },
     )
-    run_id = RunIdentifier(run_name=RUN_NAME)
+    run_id = RunIdentifier(run_name=RUN_NAME, run_time=RUN_TIME)
     sources: dict[str, Any] = {}
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for run in runs:
@@ -99,8 +114,31 @@ def run_suites(runs: list[TableRun], docs_dir: Path) -> dict[str, dict[str, dict
             name = (res.expectation_config.meta or {}).get("check")
             by_check[name] = _result(res, run.id_columns)
         results[run.suite_name] = by_check
-    ctx.build_data_docs(site_names=[DOCS_SITE])
+    with timings.phase("data_docs"):
+        ctx.build_data_docs(site_names=[DOCS_SITE])
+        canonicalize_docs(docs_dir)
     return results
+
+
+def canonicalize_docs(docs_dir: Path) -> None:
+    """Make the rendered site reproducible: same results, same bytes (see the module docstring).
+
+    The logo's cache buster goes, ``ge_load_time`` becomes :data:`RUN_TIME`, and each distinct
+    ``uuid4`` of a collapsible block becomes a counter-based id, numbered in order of first
+    appearance over the pages in sorted path order (the link and its target stay paired).
+    """
+    stamp = RUN_TIME.strftime("%Y%m%dT%H%M%S.%fZ")
+    ids: dict[str, str] = {}
+
+    def stable_id(match: re.Match[str]) -> str:
+        return ids.setdefault(match.group(), f"00000000-0000-4000-8000-{len(ids) + 1:012d}")
+
+    for page in sorted(docs_dir.rglob("*.html")):
+        text = page.read_text(encoding="utf-8")
+        new = _CACHE_BUSTER.sub(lambda m: "?" if m.group(1) else "", text)
+        new = _UUID.sub(stable_id, _LOAD_TIME.sub(lambda m: m.group(1) + stamp, new))
+        if new != text:
+            page.write_text(new, encoding="utf-8")
 
 
 def _import_gx() -> tuple[Any, Any]:
