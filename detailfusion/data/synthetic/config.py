@@ -76,7 +76,7 @@ class Ipr2prSynthConfig:
 
     originals: int = 12000
     edits_per_original: int = 5
-    shards: int = 8
+    shards: int = 50
 
     def validate(self) -> None:
         _positive("ipr2pr.originals", self.originals)
