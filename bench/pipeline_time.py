@@ -63,8 +63,8 @@ def apply_overrides(params: dict, overrides: dict[str, Any]) -> dict:
             if not isinstance(node.get(key), dict):
                 raise SystemExit(f"error: -S {dotted}: params.yaml has no section {key!r} there")
             node = node[key]
-        if last not in node:
-            raise SystemExit(f"error: -S {dotted}: params.yaml has no key {last!r} there")
+        if last not in node:  # added, as dvc exp run -S does (a loop's log_every, say)
+            print(f"note: -S {dotted}: a new key in params.yaml", file=sys.stderr)
         node[last] = value
     return params
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from detailfusion.errors import DetailFusionError
+from detailfusion.timings import phase
 
 
 def _print_json(obj: object) -> None:
@@ -46,7 +47,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         summary = generate(cfg, out, progress=not args.quiet)
         from detailfusion.tracking.stages import log_synthesize
 
-        log_synthesize(run, summary, out)
+        with phase("tracking_log"):
+            log_synthesize(run, summary, out)
     _print_json(summary)
     return 0
 
@@ -63,7 +65,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         from detailfusion.config import load_params
         from detailfusion.tracking.stages import log_prepare
 
-        log_prepare(run, load_params(args.params), out, cfg.datasets)
+        with phase("tracking_log"):
+            log_prepare(run, load_params(args.params), out, cfg.datasets)
     _print_json(summary)
     return 0
 
@@ -82,7 +85,8 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
             report = run_validate(cfg, prepared, report_dir)
         finally:
             # the report and Data Docs are written before a violation is raised: log them either way
-            log_validation_report(run, report_dir)
+            with phase("tracking_log"):
+                log_validation_report(run, report_dir)
         log_validate(run)
     print(report["summary_text"])
     return 0
@@ -106,7 +110,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     with tracked(args, args.stage, ("model", args.stage)) as run:
         metrics = RUNNERS[args.stage](ctx, progress=not args.quiet, on_log=step_logger(run))
-        log_train(run, args.stage, ctx.params, Path(args.metrics_dir), ctx.prepared_dir)
+        with phase("tracking_log"):
+            log_train(run, args.stage, ctx.params, Path(args.metrics_dir), ctx.prepared_dir)
     _print_json(metrics)
     return 0
 
@@ -130,7 +135,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         summary = run_evaluate(cfg, Path(args.model), prepared, dataset, progress=not args.quiet)
         from detailfusion.tracking.stages import log_evaluate
 
-        log_evaluate(run, params, cfg, summary, prepared, dataset)
+        with phase("tracking_log"):
+            log_evaluate(run, params, cfg, summary, prepared, dataset)
     _print_json(summary)
     return 0
 

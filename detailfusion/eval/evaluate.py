@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from detailfusion import timings
 from detailfusion.errors import DetailFusionError
 from detailfusion.eval import metrics as M
 from detailfusion.eval.baselines import pixel_reference_baseline, reference_only_queries
@@ -182,8 +183,9 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: Path, prepared_dir: Path, datas
     from detailfusion.eval.submission import metrics_from_submission, write_cirr_submission
     from detailfusion.models.io import load_pretrained
 
-    model = load_pretrained(Path(model_dir))
-    prepared = load_prepared(Path(prepared_dir), dataset)
+    with timings.phase("load_data"):
+        model = load_pretrained(Path(model_dir))
+        prepared = load_prepared(Path(prepared_dir), dataset)
     out_metrics = Path(cfg.out_metrics)
     plots_dir = Path(cfg.out_plots)
     reports_dir = Path(cfg.out_reports)
@@ -199,7 +201,8 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: Path, prepared_dir: Path, datas
         write_json_atomic(out_metrics.with_name("headline.json"), summary["metrics"])
         return summary
 
-    res = cirr_evaluation(model, prepared, cfg.split, cfg.batch_size, progress)
+    with timings.phase("retrieval"):  # embed, rank, per-variant metrics
+        res = cirr_evaluation(model, prepared, cfg.split, cfg.batch_size, progress)
     q = res["queries"]
     variants = res["variants"]
     main = variants["model"]
@@ -236,7 +239,8 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: Path, prepared_dir: Path, datas
     write_edit_type_breakdown(summary.get("by_edit_type", {}), plots_dir / "by_edit_type.csv")
     write_retrieval_report(reports_dir / "retrieval" / "index.html", _report_samples(res, prepared, cfg.split, cfg),
                            title=f"DetailFusion ({model.variant.name}) on {dataset} {cfg.split}")
-    heldout = heldout_evaluation(model, prepared, cfg, progress)
+    with timings.phase("retrieval"):
+        heldout = heldout_evaluation(model, prepared, cfg, progress)
     headline = dict(summary["metrics"])
     if heldout is not None:
         summary["heldout"] = heldout
