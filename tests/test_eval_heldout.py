@@ -10,6 +10,7 @@ import torch
 from native_fixtures import write_cirr
 
 from detailfusion.data.prepare import PrepareConfig, run_prepare
+from detailfusion.data.prepared import load_prepared
 from detailfusion.eval.evaluate import HELDOUT_HEADLINE, EvaluateConfig, run_evaluate
 from detailfusion.models import create_model, save_pretrained
 
@@ -27,6 +28,10 @@ def _config(root: Path) -> EvaluateConfig:
 
 def test_heldout_metrics_on_synthetic_test1(tiny_world, model_dir, tmp_path):
     prepared = Path(tiny_world["params"]["prepare"]["out"])
+    # prepare carried the sidecar's targets into the test1 manifest
+    sidecar = json.loads((Path(tiny_world["params"]["data"]["root"]) / "cirr" / "synthetic_targets.json").read_text())
+    test1 = load_prepared(prepared, "cirr").split_queries("test1")
+    assert dict(zip(test1["query_id"], test1["target"], strict=True)) == sidecar["test1"]
     summary = run_evaluate(_config(tmp_path), model_dir, prepared, "cirr", progress=False)
     heldout = summary["heldout"]
     n_test1 = tiny_world["params"]["synthesize"]["cirr"]["test1_queries"]
