@@ -97,6 +97,19 @@ def test_validation_report_folder_is_byte_identical(tmp_path: Path, prepared: Pa
     assert all("19700101T000000" in p for p in pages if p.startswith("data_docs/validations/"))
 
 
+# --------------------------------------------------------------------------- register
+
+
+def test_register_output_drops_mlflow_ids_and_times_only() -> None:
+    from detailfusion.registry.cli import stable_summary
+
+    summary = {"model_name": "m", "version": 3, "model_uri": "models:/m-1", "run_id": "r",
+               "parent_run_id": "p",
+               "promotion": {"decision": "promoted", "challenger_value": 1.5, "decided_at": "2026-01-01"}}
+    assert stable_summary(summary) == {"model_name": "m", "version": 3,
+                                       "promotion": {"decision": "promoted", "challenger_value": 1.5}}
+
+
 # --------------------------------------------------------------------------- timings
 
 
