@@ -279,27 +279,28 @@ def _query(
 class _ParquetImages:
     """Image bytes embedded in parquet shards, addressed as ``{shard}#{row}/{column}``.
 
-    Reading one cell at a time would re-read a row group per image; the whole column of one
-    shard is loaded once and kept while consecutive lookups stay in that shard.
+    Reading one cell at a time would re-read a row group per image; the image columns of one
+    shard are loaded once each and kept while consecutive lookups stay in that shard (prepare
+    reads ``original_image`` and ``edited_image`` alternately, so one cached column would be
+    reloaded for nearly every image).
     """
 
     def __init__(self, root: Path):
         self.root = root
-        self._key: tuple[str, str] | None = None
-        self._cells: pa.Array | None = None
+        self._shard: str | None = None
+        self._columns: dict[str, pa.Array] = {}
 
     def _column(self, shard_rel: str, col: str) -> pa.Array:
-        if self._key != (shard_rel, col):
-            shard = self.root / shard_rel
-            pf = _open_parquet(shard)
+        if self._shard != shard_rel:
+            self._shard, self._columns = shard_rel, {}
+        if col not in self._columns:
+            pf = _open_parquet(self.root / shard_rel)
             t = pf.schema_arrow.field(col).type
             if pa.types.is_struct(t):
-                self._cells = _read_child(pf, col, "bytes")
+                self._columns[col] = _read_child(pf, col, "bytes")
             else:
-                self._cells = pf.read(columns=[col]).column(0).combine_chunks()
-            self._key = (shard_rel, col)
-        assert self._cells is not None
-        return self._cells
+                self._columns[col] = pf.read(columns=[col]).column(0).combine_chunks()
+        return self._columns[col]
 
     def _cell(self, ref: str) -> bytes | None:
         shard_rel, _, rest = ref.rpartition("#")
