@@ -44,7 +44,7 @@ STAGE_MODULES = {
     "validate": ("detailfusion.data.validate",),
     "train": ("torch", "detailfusion.train.stages"),
     "evaluate": ("torch", "detailfusion.eval.evaluate"),
-    "register": ("detailfusion.registry.publish",),
+    "register": ("mlflow", "detailfusion.registry.publish"),  # the whole stage is MLflow work
 }
 
 
