@@ -102,7 +102,23 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- train / evaluate
 
 
+def cmd_pretrain_backbone(args: argparse.Namespace) -> int:
+    from detailfusion.config import load_params
+    from detailfusion.tracking.stages import log_pretrain, step_logger
+    from detailfusion.train.pretrain import METRICS_FILE, run_pretrain
+
+    params = load_params(args.params)
+    with tracked(args, "pretrain_backbone", ("model", "synthesize", "pretrain_backbone")) as run:
+        metrics = run_pretrain(params, args.params, args.metrics_dir, progress=not args.quiet,
+                               on_log=step_logger(run))
+        log_pretrain(run, Path(args.metrics_dir) / METRICS_FILE)
+    _print_json(metrics)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.stage == "pretrain_backbone":
+        return cmd_pretrain_backbone(args)
     from detailfusion.train.stages import RUNNERS, StageContext
 
     ctx = StageContext(args.params, models_dir=args.models_dir, metrics_dir=args.metrics_dir)
@@ -232,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", help="fashioniq only: dress, shirt or toptee")
     p.set_defaults(func=cmd_data_stats)
 
-    p = sub.add_parser("train", help="run one training stage (stage1_detail, stage2_branches, stage3_fusion)")
-    p.add_argument("stage", choices=["stage1_detail", "stage2_branches", "stage3_fusion"])
+    p = sub.add_parser("train", help="run one training stage (pretrain_backbone, stage1_detail, stage2_branches, "
+                                      "stage3_fusion)")
+    p.add_argument("stage", choices=["pretrain_backbone", "stage1_detail", "stage2_branches", "stage3_fusion"])
     p.add_argument("--models-dir", default="models")
     p.add_argument("--metrics-dir", default="metrics")
     p.set_defaults(func=cmd_train)
@@ -258,8 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_retrieve_parser(sub)
 
     p = sub.add_parser("ablations", help="run the ablation suite (method.md) as DVC experiments abl-<variant>-s<seed>")
-    p.add_argument("--variants", help="comma-separated (default: all six)")
-    p.add_argument("--seeds", help="comma-separated seeds for full/gm_only/di_only (default: 0,1,2)")
+    p.add_argument("--variants", help="comma-separated suite entries (default: all: the six variants and "
+                                      "no_pretrain_dropped)")
+    p.add_argument("--seeds", help="comma-separated seeds for full/gm_only/no_pretrain/no_pretrain_dropped "
+                                   "(default: 0,1,2; the others run the first)")
     p.add_argument("--summary", default="metrics/ablations.json", help="summary JSON path")
     p.add_argument("--table", default="reports/ablations.md", help="markdown table path")
     p.add_argument("--logs", default="reports/ablation_logs", help="folder for each experiment's full output")

@@ -21,7 +21,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
-from detailfusion.tracking.runs import mlflow_key
+from detailfusion.tracking import mlflow_key
 from flows.tasks import (
     NETWORK_RETRY,
     checkout,

@@ -29,7 +29,7 @@ from prefect.tasks import exponential_backoff
 from detailfusion.errors import ConfigError, DetailFusionError
 
 DATA_STAGES = ("synthesize", "prepare", "validate")
-TRAIN_STAGES = ("stage1_detail", "stage2_branches", "stage3_fusion")
+TRAIN_STAGES = ("pretrain_backbone", "stage1_detail", "stage2_branches", "stage3_fusion")
 REMOTE_NAME = "storage"
 RUNS_DIR_ENV = "DETAILFUSION_RUNS_DIR"
 REPO_URL_ENV = "DETAILFUSION_REPO_URL"
@@ -295,7 +295,7 @@ def start_parent_run(workdir: str, params: dict[str, Any], dataset: str, kind: s
     from detailfusion.config import from_dict
     from detailfusion.tracking.config import TrackingConfig
     from detailfusion.tracking.lineage import lineage_tags
-    from detailfusion.tracking.runs import TAG_RUN_KIND
+    from detailfusion.tracking.session import TAG_RUN_KIND
 
     cfg = from_dict(TrackingConfig, params.get("tracking"), where="params.yaml: tracking")
     client = MlflowClient(tracking_uri())
@@ -321,7 +321,7 @@ def log_to_parent(run_id: str, *, metrics: dict[str, float] | None = None, tags:
     """Log metrics, tags and text artifacts (file name -> content) to an MLflow run."""
     from mlflow import MlflowClient
 
-    from detailfusion.tracking.runs import mlflow_key
+    from detailfusion.tracking import mlflow_key
 
     client = MlflowClient(tracking_uri())
     for key, value in (metrics or {}).items():

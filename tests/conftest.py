@@ -43,8 +43,15 @@ def shrink_params(params: dict, root: Path, relative: bool = False) -> dict:
         loop = p[stage]["loop"]
         loop.update(max_steps=steps, batch_size=16, warmup_steps=1, checkpoint_every=2, log_every=1)
     p["stage3_fusion"]["cache_queries"] = 64
+    p["pretrain_backbone"].update(scenes=200, garments=80, heldout=40)
+    p["pretrain_backbone"]["loop"].update(max_steps=3, batch_size=16, warmup_steps=1, checkpoint_every=2,
+                                          log_every=1)
     p["evaluate"].update(bootstrap=50, report_samples=3)
     if not relative:
+        # Stages called directly (not through dvc repro) start from a random backbone; the pipeline
+        # tests (relative paths) run the pretrain_backbone stage and use its checkpoint.
+        p["model"]["pretrained"] = None
+        p["pretrain_backbone"]["out"] = str(root / "models" / "backbone")
         p["data"]["root"] = str(root / "data" / "synthetic")
         p["prepare"]["out"] = str(root / "data" / "prepared")
         p["validate"].update(prepared=str(root / "data" / "prepared"), report_dir=str(root / "reports" / "validation"))

@@ -124,6 +124,12 @@ def log_validate(run: StageRun | None) -> None:
         run.log_metrics({"validate/success": 1.0})
 
 
+def log_pretrain(run: StageRun | None, metrics_file: Path) -> None:
+    """The pretrain_backbone stage's metrics file (``pretrain/...``: held-out image<->text top-k)."""
+    if run is not None:
+        run.log_metrics_file(metrics_file, prefix="pretrain/")
+
+
 def log_train(run: StageRun | None, stage: str, params: dict[str, Any], metrics_dir: Path, prepared_dir: Path) -> None:
     """A training stage's metrics file (``stage<n>/...``) and its training manifest as data input."""
     if run is None:

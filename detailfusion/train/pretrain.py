@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detailfusion import timings
 from detailfusion.config import load_section, to_dict
 from detailfusion.errors import ConfigError
 from detailfusion.fsutil import write_json_atomic
@@ -186,31 +187,37 @@ def run_pretrain(params: dict, params_path: str | Path = "params.yaml", metrics_
             f"'{model_section.arch}' names the open_clip architecture '{arch.backbone.arch}': give it a "
             f"pretrained tag or checkpoint in model.pretrained instead (the stage then skips itself)"
         )
-    synth = load_section(SynthConfig, params, "synthesize", source=source)
+    # only the look of the images (side, anti-aliasing) is shared with the benchmark's generator
+    look = {k: v for k, v in (params.get("synthesize") or {}).items() if k in ("image_size", "render_scale")}
+    synth = load_section(SynthConfig, {"synthesize": look}, "synthesize", source=source)
     arch.backbone.pretrained = None  # this stage makes the weights
-    torch.manual_seed(cfg.loop.seed)
-    model = ClipWithTemperature(ClipBackbone(arch.backbone, load_weights=False))
-    with tqdm(total=cfg.scenes + cfg.garments, desc="pretrain pairs", unit="img", disable=not progress) as bar:
+    with timings.phase("build_model"):
+        torch.manual_seed(cfg.loop.seed)
+        model = ClipWithTemperature(ClipBackbone(arch.backbone, load_weights=False))
+    with timings.phase("load_data"), tqdm(total=cfg.scenes + cfg.garments, desc="pretrain pairs", unit="img",
+                                          disable=not progress) as bar:
         pixels, texts, domain = pretraining_pairs(cfg.seed, cfg.scenes, cfg.garments, synth.image_size,
                                                   synth.render_scale, bar.update)
-    train_rows, test_rows = _split_heldout(domain, cfg.heldout)
-    tokens = model.backbone.tokenize([texts[i] for i in train_rows])
+        train_rows, test_rows = _split_heldout(domain, cfg.heldout)
+        tokens = model.backbone.tokenize([texts[i] for i in train_rows])
     truncated = float((tokens[:, -1] != model.backbone.pad_token_id).float().mean())
     sampler = StepSampler(np.full(len(train_rows), -1), cfg.loop.batch_size, cfg.loop.seed)
     task = ClipPretrainTask(model, pixels[train_rows], tokens, sampler)
     run_config = {"pretrain_backbone": to_dict(cfg), "model": asdict(model_section)}
     ckpt_dir = out.with_name(out.name + ".checkpoints")
-    summary = run_training(task, cfg.loop, ckpt_dir, run_config=run_config, on_log=on_log, progress=progress)
-    for key in ("seconds", "samples_per_s"):  # wall-clock figures go to MLflow, not to the hashed output
-        summary.pop(key, None)
+    with timings.phase("train"):
+        summary = run_training(task, cfg.loop, ckpt_dir, run_config=run_config, on_log=on_log, progress=progress)
+    summary = timings.split_run_facts(summary)  # wall-clock figures go to the timings, not the hashed output
     domains = {0: "scenes", 1: "garments"}
-    heldout = {domains[d]: retrieval_accuracy(model, pixels[rows], [texts[i] for i in rows])
-               for d, rows in test_rows.items()}
+    with timings.phase("validate"):
+        heldout = {domains[d]: retrieval_accuracy(model, pixels[rows], [texts[i] for i in rows])
+                   for d, rows in test_rows.items()}
     metrics = {"stage": "pretrain_backbone", "skipped": False, **summary, "train_pairs": int(len(train_rows)),
                "truncated_descriptions": round(100 * truncated, 2),
                "final_temperature": round(1.0 / math.exp(model.logit_scale.item()), 5), "heldout": heldout}
-    _write(out, model, metrics, metrics_path)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    with timings.phase("write"):
+        _write(out, model, metrics, metrics_path)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics
 
 
