@@ -30,11 +30,13 @@ from detailfusion.data.native import (
     basename_index,
     edit_type_list,
     expect_type,
+    image_presence_warning,
     load_json,
     load_sidecar,
     no_split_found,
     relative_to_root,
     require_keys,
+    split_file_pair,
     str_list,
 )
 from detailfusion.errors import DataFormatError
@@ -66,17 +68,10 @@ def read_cirr(
 
     present: list[tuple[str, Path | None, Path]] = []
     for split in wanted:
-        cap = ann / "captions" / f"cap.{version}.{split}.json"
-        spl = ann / "image_splits" / f"split.{version}.{split}.json"
-        if not cap.is_file() and not spl.is_file():
-            continue
-        if not spl.is_file():
-            raise DataFormatError(
-                spl, f"split file missing while {cap.name} exists; the gallery comes from it"
-            )
-        if not cap.is_file():
-            warnings.append(f"{cap} absent: split {split} has a gallery but no queries")
-        present.append((split, cap if cap.is_file() else None, spl))
+        pair = split_file_pair(ann / "captions" / f"cap.{version}.{split}.json",
+                               ann / "image_splits" / f"split.{version}.{split}.json", f"split {split}", warnings)
+        if pair is not None:
+            present.append((split, *pair))
     if not present:
         raise no_split_found(root, f"captions/cap.{version}.<{'|'.join(wanted)}>.json and image_splits/")
 
@@ -117,11 +112,7 @@ def read_cirr(
                 {"dataset": "cirr", "split": split, "category": "", "image_id": name, "path": rel_path}
             )
 
-    n_found = sum(known.values())
-    if known and n_found == 0:
-        warnings.append(f"images absent: none of the {len(known)} gallery images found under {base}")
-    elif n_found < len(known):
-        warnings.append(f"{len(known) - n_found} of {len(known)} gallery images missing under {base}")
+    warnings += image_presence_warning(known, "gallery images", f"under {base}")
     return NativeDataset(
         name="cirr",
         root=root,

@@ -22,13 +22,15 @@ from detailfusion.data.native import (
     SIDECAR_NAME,
     DirIndex,
     NativeDataset,
-    edit_type_list,
+    edit_types_per_item,
     expect_type,
+    image_presence_warning,
     load_json,
     load_sidecar,
     no_split_found,
     relative_to_root,
     require_keys,
+    split_file_pair,
     str_list,
 )
 from detailfusion.errors import DataFormatError
@@ -65,17 +67,10 @@ def read_fashioniq(
     present: list[tuple[str, str, Path | None, Path]] = []
     for split in wanted_splits:
         for cat in wanted_cats:
-            cap = root / "captions" / f"cap.{cat}.{split}.json"
-            spl = root / "image_splits" / f"split.{cat}.{split}.json"
-            if not cap.is_file() and not spl.is_file():
-                continue
-            if not spl.is_file():
-                raise DataFormatError(
-                    spl, f"split file missing while {cap.name} exists; the gallery comes from it"
-                )
-            if not cap.is_file():
-                warnings.append(f"{cap} absent: {cat}.{split} has a gallery but no queries")
-            present.append((split, cat, cap if cap.is_file() else None, spl))
+            pair = split_file_pair(root / "captions" / f"cap.{cat}.{split}.json",
+                                   root / "image_splits" / f"split.{cat}.{split}.json", f"{cat}.{split}", warnings)
+            if pair is not None:
+                present.append((split, cat, *pair))
     if not present:
         raise no_split_found(
             root, "captions/cap.<category>.<split>.json and image_splits/split.<category>.<split>.json"
@@ -97,15 +92,7 @@ def read_fashioniq(
                 {"dataset": "fashioniq", "split": split, "category": cat, "image_id": asin, "path": rel}
             )
 
-    n_found = sum(known.values())
-    if known and n_found == 0:
-        warnings.append(
-            f"images absent: none of the {len(known)} image files found below {image_root or root}"
-        )
-    elif n_found < len(known):
-        warnings.append(
-            f"{len(known) - n_found} of {len(known)} image files missing below {image_root or root}"
-        )
+    warnings += image_presence_warning(known, "image files", f"below {image_root or root}")
     return NativeDataset(
         name="fashioniq",
         root=root,
@@ -161,7 +148,7 @@ def _read_captions(path: Path, split: str, cat: str, sidecar_path: Path | None, 
     expect_type(path, data, list, "top level (list of query records)")
     is_test = split.startswith("test")
     keys = ["candidate", "captions"] + ([] if is_test else ["target"])
-    edits = _sidecar_for(sidecar_path, sidecar, f"{cat}.{split}", len(data))
+    edits = edit_types_per_item(sidecar_path, sidecar, f"{cat}.{split}", len(data), "caption record")
     rows = []
     for i, rec in enumerate(data):
         require_keys(path, rec, keys, i)
@@ -195,10 +182,3 @@ def _read_captions(path: Path, split: str, cat: str, sidecar_path: Path | None, 
     return rows
 
 
-def _sidecar_for(path: Path | None, sidecar: dict, key: str, n_records: int) -> list[list[str]]:
-    if path is None or key not in sidecar:
-        return []
-    entry = expect_type(path, sidecar[key], list, f"entry {key!r} (edit types per record)")
-    if len(entry) != n_records:
-        raise DataFormatError(path, f"entry {key!r} has {len(entry)} items for {n_records} caption records")
-    return [edit_type_list(path, v, f"{key}[{i}]") for i, v in enumerate(entry)]

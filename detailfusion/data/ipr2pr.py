@@ -29,8 +29,9 @@ from detailfusion.data.native import (
     SIDECAR_NAME,
     DirIndex,
     NativeDataset,
-    edit_type_list,
+    edit_types_per_item,
     expect_type,
+    image_presence_warning,
     load_json,
     load_sidecar,
     require_keys,
@@ -111,7 +112,7 @@ def _read_parquet(root: Path, shards: list[Path], cols: Ipr2prColumns) -> Native
             if "prompt" in role
         }
         paths = {role: _read_struct_paths(pf, names[role], n) for role in ("original_image", "edited_image")}
-        edits = _sidecar_rows(sidecar_path, sidecar, shard.name, n)
+        edits = edit_types_per_item(sidecar_path, sidecar, shard.name, n, "row")
         stem = shard.stem
         for row in range(n):
             ids = {}
@@ -237,15 +238,6 @@ def _read_child(pf: pq.ParquetFile, col: str, child: str) -> pa.Array:
     return arr
 
 
-def _sidecar_rows(path: Path | None, sidecar: dict, key: str, n_rows: int) -> list[list[str]]:
-    if path is None or key not in sidecar:
-        return []
-    entry = expect_type(path, sidecar[key], list, f"entry {key!r} (edit types per row)")
-    if len(entry) != n_rows:
-        raise DataFormatError(path, f"entry {key!r} has {len(entry)} items for {n_rows} rows")
-    return [edit_type_list(path, v, f"{key}[{i}]") for i, v in enumerate(entry)]
-
-
 def _query(
     query_id: str,
     reference: str,
@@ -329,7 +321,7 @@ def _read_seeds(root: Path) -> NativeDataset:
     expect_type(seeds_path, data, list, "top level (list of [prompt folder, [seeds]])")
     sidecar_path, sidecar = load_sidecar([root / SIDECAR_NAME])
     n_total = sum(len(e[1]) for e in data if isinstance(e, list) and len(e) == 2 and isinstance(e[1], list))
-    edits = _sidecar_rows(sidecar_path, sidecar, SEEDS_FILE, n_total) if sidecar else []
+    edits = edit_types_per_item(sidecar_path, sidecar, SEEDS_FILE, n_total, "row") if sidecar else []
     dirs = DirIndex()
     query_rows: list[dict] = []
     image_rows: list[dict] = []
@@ -370,12 +362,7 @@ def _read_seeds(root: Path) -> NativeDataset:
                 )
             )
             row += 1
-    warnings = []
-    n_found = sum(known.values())
-    if known and n_found == 0:
-        warnings.append(f"images absent: none of the {len(known)} image files found below {root}")
-    elif n_found < len(known):
-        warnings.append(f"{len(known) - n_found} of {len(known)} image files missing below {root}")
+    warnings = image_presence_warning(known, "image files", f"below {root}")
     return NativeDataset(
         name="ipr2pr",
         root=root,

@@ -164,6 +164,52 @@ def edit_type_list(path: Path, value: Any, where: str) -> list[str]:
     return str_list(path, value, f"edit types of {where}")
 
 
+def edit_types_per_item(path: Path | None, sidecar: dict, key: str, n_items: int, item: str) -> list[list[str]]:
+    """Sidecar entry ``key``: the edit types of each of ``n_items`` items (records, rows), in order.
+
+    ``[]`` when there is no sidecar or it has no such entry; a length mismatch is an error, never a
+    silent misalignment.
+    """
+    if path is None or key not in sidecar:
+        return []
+    entry = expect_type(path, sidecar[key], list, f"entry {key!r} (edit types per {item})")
+    if len(entry) != n_items:
+        raise DataFormatError(path, f"entry {key!r} has {len(entry)} items for {n_items} {item}s")
+    return [edit_type_list(path, v, f"{key}[{i}]") for i, v in enumerate(entry)]
+
+
+# --------------------------------------------------------------------------- split files and images
+
+
+def split_file_pair(cap: Path, spl: Path, label: str, warnings: list[str]) -> tuple[Path | None, Path] | None:
+    """The (captions, split) files of one split: None when neither exists.
+
+    The split file lists the gallery, so captions without it are an error; a split file without
+    captions is a gallery-only split (a warning naming ``label``).
+    """
+    if not cap.is_file() and not spl.is_file():
+        return None
+    if not spl.is_file():
+        raise DataFormatError(spl, f"split file missing while {cap.name} exists; the gallery comes from it")
+    if not cap.is_file():
+        warnings.append(f"{cap} absent: {label} has a gallery but no queries")
+        return None, spl
+    return cap, spl
+
+
+def image_presence_warning(known: dict[str, bool], what: str, where: str) -> list[str]:
+    """The warning for images listed but not found (``known``: path -> found), or none.
+
+    ``what`` names the images ("gallery images", "image files"), ``where`` the place ("under x").
+    """
+    n_found = sum(known.values())
+    if known and n_found == 0:
+        return [f"images absent: none of the {len(known)} {what} found {where}"]
+    if n_found < len(known):
+        return [f"{len(known) - n_found} of {len(known)} {what} missing {where}"]
+    return []
+
+
 # --------------------------------------------------------------------------- file lookup
 
 
