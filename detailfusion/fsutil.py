@@ -1,27 +1,65 @@
-"""Atomic file writes: a reader (or a failed run) never sees a half-written file."""
+"""Atomic file writes: a reader (or a failed run) never sees a half-written file or folder.
+
+The one place that knows how: :func:`atomic_path` (any writer that takes a path),
+:func:`write_text_atomic` / :func:`write_json_atomic`, and :func:`replace_dir` for outputs that
+are whole folders.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` to write to; it is renamed onto ``path`` (mode 0644) when
+    the block succeeds and removed when it fails. ``fsync`` flushes it to disk before the rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def replace_dir(tmp: str | Path, out: str | Path) -> None:
+    """Swap the finished folder ``tmp`` in as ``out``; on failure the previous ``out`` is put back."""
+    tmp, out = Path(tmp), Path(out)
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old.exists():
+            os.replace(old, out)  # put the previous good output back
+        raise
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` to a temp file beside ``path`` and rename it into place (mode 0644)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 

@@ -21,7 +21,6 @@ the DVC pipeline with a message naming the data set, table, column and offending
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import uuid
@@ -47,6 +46,7 @@ from detailfusion.data.validation.checks import (
 )
 from detailfusion.data.validation.gx_runner import TableRun, gx_version, run_suites
 from detailfusion.errors import DataFormatError, ValidationFailed
+from detailfusion.fsutil import atomic_path
 
 REPORT_NAME = "report.json"
 DOCS_NAME = "data_docs"
@@ -413,16 +413,8 @@ def _snake(class_name: str) -> str:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path, fsync=True) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
 def _replace_dir(new: Path, dest: Path) -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from detailfusion.eval.metrics import EvalInputError
+from detailfusion.fsutil import atomic_path
 
 # Every series the evaluate stage can draw, in this column order (dvc.yaml's plot lists them).
 SERIES = ("model", "gm", "di", "reference_only", "text_only", "pixel_reference")
@@ -51,17 +50,10 @@ def recall_curve_table(curves: Mapping[str, Mapping[int, float]]) -> tuple[list[
 
 
 def _write_csv_atomic(path: Path, columns: list[str] | tuple[str, ...], rows: list[dict[str, object]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(columns))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def write_edit_type_breakdown(by_edit_type: Mapping[str, Mapping[str, float]], out_csv: str | Path) -> Path:

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +32,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from detailfusion.errors import DetailFusionError
-from detailfusion.fsutil import write_json_atomic
+from detailfusion.fsutil import atomic_path, write_json_atomic
 from detailfusion.retrieval.embed import autocast_dtype, encode_images, pixels_from_bytes
 
 CACHE_FILE = "cache.json"
@@ -60,15 +58,8 @@ def shard_files(cache: Path, i: int) -> tuple[Path, Path, Path]:
 
 
 def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def _write_shard(cache: Path, i: int, emb: np.ndarray, meta: pd.DataFrame, errors: pd.DataFrame, digest: str) -> None:

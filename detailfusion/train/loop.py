@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from detailfusion.fsutil import atomic_path
 from detailfusion.train.config import LoopConfig
 from detailfusion.train.tasks import LoopTask
 
@@ -145,10 +146,8 @@ def save_checkpoint(path: Path, task: nn.Module, optimizer, scheduler, step: int
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         **extra,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict | None:

@@ -20,7 +20,6 @@ Outputs: ``<out>/open_clip.safetensors``, ``<out>/summary.json`` and ``metrics/p
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from torch import nn
 from detailfusion import timings
 from detailfusion.config import load_section, to_dict
 from detailfusion.errors import ConfigError
-from detailfusion.fsutil import write_json_atomic
+from detailfusion.fsutil import replace_dir, write_json_atomic
 from detailfusion.train.config import LoopConfig
 from detailfusion.train.data import StepSampler
 from detailfusion.train.loop import run_training
@@ -231,6 +230,5 @@ def _write(out: Path, model: ClipWithTemperature | None, metrics: dict, metrics_
     if model is not None:
         save_file(model.open_clip_state_dict(), str(tmp / CHECKPOINT_FILE))
     write_json_atomic(tmp / "summary.json", metrics)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     write_json_atomic(metrics_path, metrics)

@@ -26,7 +26,7 @@ import torch
 from detailfusion import timings
 from detailfusion.config import load_params, load_section, to_dict
 from detailfusion.errors import ConfigError
-from detailfusion.fsutil import write_json_atomic
+from detailfusion.fsutil import replace_dir, write_json_atomic
 from detailfusion.train.config import ModelSection, Stage1Config, Stage2Config, Stage3Config
 from detailfusion.train.data import StepSampler, build_triplets
 from detailfusion.train.loop import resolve_device, run_training
@@ -62,8 +62,7 @@ def _save_stage(model, out_dir: Path, summary: dict, metrics_path: Path, metrics
     tmp.mkdir(parents=True)
     save_pretrained(model, tmp / "model")
     write_json_atomic(tmp / "summary.json", summary)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     write_json_atomic(metrics_path, metrics)
 
 

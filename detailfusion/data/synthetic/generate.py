@@ -27,6 +27,7 @@ from detailfusion.data.synthetic.garments import CATEGORIES, FIQ_EDITS
 from detailfusion.data.synthetic.ipr2pr import build_ipr2pr, write_shards
 from detailfusion.data.synthetic.scenes import DETAIL_EDITS, GLOBAL_EDITS
 from detailfusion.errors import ConfigError
+from detailfusion.fsutil import replace_dir
 
 FORMAT_VERSION = 1
 MARKER = "SYNTHETIC.json"  # written last; its presence marks a folder as this generator's output
@@ -67,7 +68,7 @@ def generate(cfg: SynthConfig, out: Path, progress: bool = True, *, workers: int
     try:
         counts = _write_all(cfg, tmp, progress, render.default_workers() if workers is None else workers)
         size = _tree_size(tmp)
-        _swap_in(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -85,22 +86,6 @@ def _tree_size(folder: Path) -> int:
     for base, _, files in os.walk(folder):
         total += sum(os.stat(os.path.join(base, f)).st_size for f in files)
     return total
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old.exists():
-            os.replace(old, out)  # put the previous good output back
-        raise
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def _write_all(cfg: SynthConfig, root: Path, progress: bool, workers: int) -> dict[str, Any]:
