@@ -202,5 +202,12 @@ def test_recall_at_k():
     assert recall_at_k(approx, exact, 3) == pytest.approx((2 / 3 + 0) / 2)
     assert recall_at_k(approx, exact, 1) == pytest.approx(0.0)
     assert recall_at_k(exact, exact, 2) == 1.0
+    # tie-aware with scores: gallery items 7 and 9 have the same score at the k-th place
+    ex_i, ex_s = np.array([[3, 7]]), np.array([[0.9, 0.5]])
+    ap_i, ap_s = np.array([[3, 9]]), np.array([[0.9, 0.5 - 1e-7]])
+    assert recall_at_k(ap_i, ex_i, 2) == pytest.approx(0.5)
+    assert recall_at_k(ap_i, ex_i, 2, approx_scores=ap_s, exact_scores=ex_s) == 1.0
+    worse = np.array([[0.9, 0.4]])  # a genuinely lower score is a miss
+    assert recall_at_k(ap_i, ex_i, 2, approx_scores=worse, exact_scores=ex_s) == pytest.approx(0.5)
     with pytest.raises(SearchError, match="k=4 must be in"):
         recall_at_k(approx, exact, 4)

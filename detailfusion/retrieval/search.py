@@ -336,11 +336,15 @@ def _exact_scores(queries: np.ndarray, gallery: np.ndarray, ids: np.ndarray) -> 
     return out.numpy()
 
 
-def recall_at_k(approx_idx: Array, exact_idx: Array, k: int) -> float:
+def recall_at_k(approx_idx: Array, exact_idx: Array, k: int, *, approx_scores: Array | None = None,
+                exact_scores: Array | None = None, tie_tol: float = 1e-5) -> float:
     """Mean fraction of each query's exact top-``k`` found in its approximate top-``k``.
 
     Index ``-1`` (no result) never counts as found; a query whose exact list is shorter than
-    ``k`` is scored against the entries it has.
+    ``k`` is scored against the entries it has. With both score arrays, recall is tie-aware: an
+    approximate result that is not in the exact list still counts when its score is within
+    ``tie_tol`` of the exact ``k``-th score (two galleries items with the same score, or scores that
+    differ only by the summation order of two libraries, may come in either order).
     """
     a = np.asarray(approx_idx)
     e = np.asarray(exact_idx)
@@ -351,9 +355,15 @@ def recall_at_k(approx_idx: Array, exact_idx: Array, k: int) -> float:
     if a.shape[0] == 0:
         raise SearchError("recall_at_k: no queries")
     a, e = a[:, :k], e[:, :k]
-    found = (e[:, :, None] == a[:, None, :]).any(axis=2) & (e >= 0)
     wanted = np.maximum((e >= 0).sum(axis=1), 1)
-    return float(np.mean(found.sum(axis=1) / wanted))
+    if approx_scores is None or exact_scores is None:
+        found = (e[:, :, None] == a[:, None, :]).any(axis=2) & (e >= 0)
+        return float(np.mean(found.sum(axis=1) / wanted))
+    sa, se = np.asarray(approx_scores)[:, :k], np.asarray(exact_scores)[:, :k]
+    in_exact = (a[:, :, None] == e[:, None, :]).any(axis=2)
+    kth = np.where(e >= 0, se, np.inf).min(axis=1, keepdims=True)
+    hits = ((in_exact | (sa >= kth - tie_tol)) & (a >= 0)).sum(axis=1)
+    return float(np.mean(np.minimum(hits, wanted) / wanted))
 
 
 def faiss_ivf(index: object) -> object:

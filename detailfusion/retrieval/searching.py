@@ -29,7 +29,9 @@ def run_search(queries: np.ndarray, gallery: np.ndarray, cfg, exclude: np.ndarra
     rng = np.random.default_rng(cfg.seed)
     sample = np.sort(rng.choice(len(queries), size=min(cfg.recall_sample, len(queries)), replace=False))
     ex = None if exclude is None else exclude[sample]
-    _, exact_idx = exact_search(queries[sample], gallery, k, device=cfg.device, exclude=ex)
+    exact_scores, exact_idx = exact_search(queries[sample], gallery, k, device=cfg.device, exclude=ex)
     info["recall_sample"] = int(len(sample))
-    info["recall_at_k_vs_exact"] = float(recall_at_k(idx[sample], np.asarray(exact_idx), k))
+    info["recall_at_k_vs_exact"] = float(recall_at_k(idx[sample], np.asarray(exact_idx), k,
+                                                     approx_scores=scores[sample],
+                                                     exact_scores=np.asarray(exact_scores)))
     return scores, idx, info
