@@ -259,14 +259,14 @@ def test_pipeline_end_to_end(stack, pipeline_run):
     experiment = client.get_experiment_by_name("detailfusion-cirr")
     runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{run_id}'", max_results=100)
     by_stage = {r.data.tags.get("detailfusion.stage"): r for r in runs if r.data.tags.get("detailfusion.stage")}
-    stages = {"synthesize", "prepare", "validate", "stage1_detail", "stage2_branches", "stage3_fusion", "evaluate",
-              "register"}  # fmt: skip
+    stages = {"synthesize", "prepare", "validate", "pretrain_backbone", "stage1_detail", "stage2_branches",
+              "stage3_fusion", "evaluate", "register"}  # fmt: skip
     assert stages <= set(by_stage), sorted(by_stage)
     parents = {r.data.tags.get("mlflow.parentRunId") for r in by_stage.values()}
     assert len(parents) == 1 and None not in parents
     parent = client.get_run(parents.pop())
     assert parent.data.tags["prefect.flow_run_id"] == run_id and parent.info.status == "FINISHED"
-    for stage in ("stage1_detail", "stage2_branches", "stage3_fusion"):
+    for stage in ("pretrain_backbone", "stage1_detail", "stage2_branches", "stage3_fusion"):
         assert by_stage[stage].data.tags.get("dvc.exp_name") == exp
 
     # the registry has a champion, and the promotion was announced as a Prefect event
