@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("stage1_detail", "stage2_branches", "stage3_fusion")
+from detailfusion.pipeline import METHOD_STAGES
+
 # Dense bf16 peak of the cards we may be lent (tensor cores, no sparsity).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -132,7 +133,7 @@ def run_stage(config: str, stage: str, batch: int, steps: int, warmup: int, devi
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="tiny,vit-b-32")
-    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--stages", default=",".join(METHOD_STAGES))
     ap.add_argument("--batch", type=int, default=0, help="0 = 64 for tiny, 8 for vit-b-32 on CPU")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from detailfusion.errors import DetailFusionError
+from detailfusion.pipeline import TRAIN_STAGES
 from detailfusion.timings import phase
 
 
@@ -248,9 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", help="fashioniq only: dress, shirt or toptee")
     p.set_defaults(func=cmd_data_stats)
 
-    p = sub.add_parser("train", help="run one training stage (pretrain_backbone, stage1_detail, stage2_branches, "
-                                      "stage3_fusion)")
-    p.add_argument("stage", choices=["pretrain_backbone", "stage1_detail", "stage2_branches", "stage3_fusion"])
+    p = sub.add_parser("train", help=f"run one training stage ({', '.join(TRAIN_STAGES)})")
+    p.add_argument("stage", choices=TRAIN_STAGES)
     p.add_argument("--models-dir", default="models")
     p.add_argument("--metrics-dir", default="metrics")
     p.set_defaults(func=cmd_train)

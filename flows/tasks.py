@@ -27,9 +27,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from detailfusion.errors import ConfigError, DetailFusionError
+from detailfusion.pipeline import DATA_STAGES
 
-DATA_STAGES = ("synthesize", "prepare", "validate")
-TRAIN_STAGES = ("pretrain_backbone", "stage1_detail", "stage2_branches", "stage3_fusion")
 REMOTE_NAME = "storage"
 RUNS_DIR_ENV = "DETAILFUSION_RUNS_DIR"
 REPO_URL_ENV = "DETAILFUSION_REPO_URL"

@@ -23,10 +23,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 
+from detailfusion.pipeline import TRAIN_STAGES
 from flows.tasks import (
     FLOW_RUN_ENV,
     PIPELINE_RUN_ENV,
-    TRAIN_STAGES,
     StageFailed,
     check_exp_name,
     checkout,

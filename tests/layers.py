@@ -19,7 +19,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-BASE = {"errors", "config", "fsutil", "timings", "detailfusion"}
+BASE = {"errors", "config", "fsutil", "timings", "pipeline", "detailfusion"}
 # The retrieval *core* is the one place that embeds, searches and reads local/S3 files; evaluation,
 # the stage-3 cache and the logged pyfunc use it, so it sits low (beside models), while the batch
 # retrieval *job* (the rest of the package) sits near the top.
@@ -30,6 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"errors"},
     "fsutil": {"errors"},
     "timings": {"errors", "fsutil"},  # stage wall-time phases (reports/timings, MLflow time/*)
+    "pipeline": set(),  # the stage names in dvc.yaml's order and the rank-0 check
     "detailfusion": set(),
     "data": BASE,
     "models": BASE,

@@ -22,3 +22,26 @@ def test_the_check_catches_an_upward_import(tmp_path):
     (tmp_path / "detailfusion" / "retrieval" / "embed.py").write_text("import detailfusion.registry\n")
     found = layers.violations(tmp_path)
     assert any("eval -> train" in v for v in found) and any("retrieval.core -> registry" in v for v in found)
+
+
+def test_the_stage_names_are_those_of_dvc_yaml_in_order():
+    import yaml
+
+    from detailfusion.pipeline import DATA_STAGES, METHOD_STAGES, STAGES, TRAIN_STAGES
+
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    assert tuple(dvc["stages"]) == STAGES
+    assert set(DATA_STAGES) | set(TRAIN_STAGES) | set(METHOD_STAGES) <= set(STAGES)
+
+
+def test_only_rank_0_is_the_main_process(monkeypatch):
+    from detailfusion.pipeline import is_main_process, local_rank
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert is_main_process() and local_rank() == 0
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not is_main_process() and local_rank() == 1
+    monkeypatch.setenv("RANK", "0")
+    assert is_main_process()

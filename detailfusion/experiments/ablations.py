@@ -35,6 +35,7 @@ from typing import Any
 
 from detailfusion.config import load_params
 from detailfusion.errors import ConfigError, DetailFusionError
+from detailfusion.pipeline import METHOD_STAGES
 
 VARIANT_ORDER = ("full", "no_pretrain", "gm_only", "di_only", "avg_fusion", "no_detail_opt")
 # Suite entries that are a model variant plus fixed params: ``no_pretrain`` is run both ways, with
@@ -48,7 +49,6 @@ MULTI_SEED = ("full", "gm_only", "no_pretrain", "no_pretrain_dropped")
 DEFAULT_SEEDS = (0, 1, 2)
 METRICS = ("R@1", "R@5", "R@10", "R@50", "Rsub@1", "Rsub@2", "Rsub@3", "Avg")
 BASELINES = ("reference_only", "text_only", "pixel_reference")
-STAGE_SECTIONS = ("stage1_detail", "stage2_branches", "stage3_fusion")
 # What an ablation experiment reproduces: validation of the data, then training up to evaluate.
 # DVC orders stages of several targets by their order in dvc.yaml, so validate runs first and a
 # data violation stops the experiment before any training. `register` is not among them.
@@ -117,11 +117,11 @@ def set_params(run: AblationRun, budget_scale: float = 1.0,
     if not (isinstance(budget_scale, int | float) and math.isfinite(budget_scale) and budget_scale > 0):
         raise ConfigError(f"ablations: budget scale must be a number > 0, got {budget_scale!r}")
     out = [f"model.variant={run.model_variant}", *run.fixed_params]
-    out += [f"{s}.loop.seed={run.seed}" for s in STAGE_SECTIONS]
+    out += [f"{s}.loop.seed={run.seed}" for s in METHOD_STAGES]
     if budget_scale != 1.0:
         source = "params" if isinstance(params, dict) else str(params)
         data = params if isinstance(params, dict) else load_params(params)
-        for section in STAGE_SECTIONS:
+        for section in METHOD_STAGES:
             steps = ((data.get(section) or {}).get("loop") or {}).get("max_steps")
             if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
                 raise ConfigError(f"{source}: {section}.loop.max_steps must be an integer >= 1 to scale it, "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import time
 import warnings
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from detailfusion.config import flatten
+from detailfusion.pipeline import is_main_process
 from detailfusion.tracking.config import TrackingConfig
 from detailfusion.tracking.lineage import frame_digest, lineage_tags
 from detailfusion.tracking.metrics import read_metrics_json
@@ -341,7 +341,7 @@ def stage_run(
     ``torchrun`` only rank 0 tracks; other ranks get a disabled run.
     """
     cfg = config or TrackingConfig()
-    if os.environ.get("RANK", "0") != "0":
+    if not is_main_process():
         cfg = TrackingConfig(**{**cfg.__dict__, "enabled": False})
     session = TrackingSession(cfg, repo_root)
     session.primary_metric = primary_metric

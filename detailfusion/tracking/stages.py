@@ -10,19 +10,16 @@ that is down never fails a stage (the run records what it could not send).
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from detailfusion.pipeline import DATA_STAGES, is_main_process
 from detailfusion.tracking.config import TrackingConfig
 from detailfusion.tracking.offline import TrackingOfflineWarning
 from detailfusion.tracking.runs import StageRun
-
-# Stages that run before a model variant exists: no ``ablation`` tag.
-DATA_STAGES = ("synthesize", "prepare", "validate")
 
 
 def tracking_config(params: dict[str, Any], source: str = "params.yaml") -> TrackingConfig | None:
@@ -53,7 +50,7 @@ def tracked(params_path: str | Path, stage: str, sections: tuple[str, ...],
 
     params = load_params(params_path)
     cfg = tracking_config(params, str(params_path))
-    if cfg is None or os.environ.get("RANK", "0") != "0":
+    if cfg is None or not is_main_process():
         yield None
         return
     if variant is None and stage not in DATA_STAGES:

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from detailfusion.fsutil import atomic_path
+from detailfusion.pipeline import local_rank
 from detailfusion.train.config import LoopConfig
 from detailfusion.train.tasks import LoopTask
 
@@ -37,12 +38,8 @@ CHECKPOINT = "last.pt"
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda", _local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(name)
-
-
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def distributed_info() -> tuple[int, int]:

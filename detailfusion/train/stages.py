@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,14 +26,13 @@ from detailfusion import timings
 from detailfusion.config import load_params, load_section, to_dict
 from detailfusion.errors import ConfigError
 from detailfusion.fsutil import replace_dir, write_json_atomic
+from detailfusion.pipeline import METHOD_STAGES, is_main_process
 from detailfusion.train.config import ModelSection, Stage1Config, Stage2Config, Stage3Config
 from detailfusion.train.data import StepSampler, build_triplets
 from detailfusion.train.loop import resolve_device, run_training
 from detailfusion.train.tasks import BranchFinetuneTask, DetailPretrainTask, FusionTask
 
 log = logging.getLogger(__name__)
-
-STAGES = ("stage1_detail", "stage2_branches", "stage3_fusion")
 
 
 def _config_hash(obj: dict) -> str:
@@ -91,11 +89,6 @@ class StageContext:
         return self.models_dir / "checkpoints" / f"{stage}-{_config_hash(run_config)}"
 
 
-def is_main_process() -> bool:
-    """Rank 0 (or no DDP): the process that validates and writes outputs."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _validate(model, prepared, progress: bool) -> dict:
     from detailfusion.eval.evaluate import quick_validation
 
@@ -104,7 +97,7 @@ def _validate(model, prepared, progress: bool) -> dict:
 
 
 def _finish(ctx: StageContext, stage: str, model, summary: dict, extra_metrics: dict, ckpt_dir: Path) -> dict:
-    n = STAGES.index(stage) + 1
+    n = METHOD_STAGES.index(stage) + 1
     summary = timings.split_run_facts(summary)  # outputs hold results only: DVC hashes them
     metrics = {"stage": stage, "variant": ctx.model_section.variant, **summary, **extra_metrics}
     if is_main_process():
