@@ -215,9 +215,11 @@ def test_backbone_matches_open_clip_forward(pixels):
 
 
 def test_patch_mask_drops_patches(pixels):
+    from detailfusion.train.data import patch_mask  # the mask stage 1's task draws
+
     model = build().eval()
     ref, tokens, _ = inputs(model, pixels)
-    mask = model.random_patch_mask(BATCH, 0.5, generator=torch.Generator().manual_seed(1))
+    mask = patch_mask(BATCH, model.num_patches, 0.5, torch.Generator().manual_seed(1))
     assert mask.shape == (BATCH, 64) and mask.dtype == torch.bool
     assert mask.sum(dim=1).tolist() == [32] * BATCH
     with torch.no_grad():

@@ -139,28 +139,6 @@ class ClipBackbone(nn.Module):
             )
         return (x - self.pixel_mean) / self.pixel_std
 
-    def random_patch_mask(
-        self,
-        batch_size: int,
-        ratio: float,
-        *,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-    ) -> torch.Tensor:
-        """A bool ``[B, num_patches]`` mask (True = dropped) hiding ``round(ratio * N)`` patches per row.
-
-        Every row hides the same number of patches (so the kept tokens stack), at least one patch
-        is always kept. Pass the same mask to reference and target for the shared-masking objective.
-        """
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
-        n_masked = min(round(ratio * self.num_patches), self.num_patches - 1)
-        noise = torch.rand(batch_size, self.num_patches, generator=generator)
-        order = noise.argsort(dim=1)
-        mask = torch.zeros(batch_size, self.num_patches, dtype=torch.bool)
-        mask.scatter_(1, order[:, :n_masked], True)
-        return mask.to(device if device is not None else self.pixel_mean.device)
-
     # ---------------------------------------------------------------- encoders
     def encode_image(
         self, images: torch.Tensor, patch_mask: torch.Tensor | None = None

@@ -101,12 +101,6 @@ class DetailFusionModel(nn.Module):
     def preprocess_uint8(self, images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
         return self.backbone.preprocess_uint8(images_uint8)
 
-    def random_patch_mask(
-        self, batch_size: int, ratio: float, *, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Bool ``[B, num_patches]`` (True = dropped) for the stage-1 shared masking; see the backbone."""
-        return self.backbone.random_patch_mask(batch_size, ratio, generator=generator)
-
     # ---------------------------------------------------------------- encoders
     def encode_target(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Target images ``[B, 3, S, S]`` -> unit embeddings ``[B, D]``."""
