@@ -2,7 +2,7 @@
 
 For each data set named in ``params.yaml: prepare.datasets`` it reads ``<root>/<name>`` with
 that format's reader, decodes every distinct gallery image file exactly once (targetpad to
-``image_size``), and writes ``<out>/<name>/``:
+``image_size``; :mod:`detailfusion.data.decoding`), and writes ``<out>/<name>/``:
 
 * ``queries.parquet`` and ``images.parquet`` (the manifests; images gain ``pixel_index``,
   ``width``, ``height`` and ``status``),
@@ -17,16 +17,11 @@ structural error or Ctrl-C leaves the previous ``out`` as it was and no partial 
 
 from __future__ import annotations
 
-import functools
-import itertools
 import json
 import logging
-import multiprocessing
 import os
 import secrets
 import shutil
-from collections.abc import Generator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,58 +32,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from detailfusion.data import get_reader
-from detailfusion.data.images import (
-    DEFAULT_MAX_IMAGE_PIXELS,
-    NOTES_KEY,
-    ImageDecodeError,
-    decode_image,
-    preprocess_image,
-)
+from detailfusion.data.config import PrepareConfig
+from detailfusion.data.decoding import CORRUPT, MISSING, OK, conversion_counts, decode_all
 from detailfusion.data.manifest import DATASETS, PREPARED_IMAGE_COLUMNS, QUERY_COLUMNS
 from detailfusion.data.native import NativeDataset
 from detailfusion.data.stats import breakdown
 from detailfusion.errors import DataFormatError
 
 log = logging.getLogger(__name__)
-
-# Below this many images a worker pool costs more to start than it saves.
-POOL_MIN_IMAGES = 4000
-POOL_CHUNKSIZE = 256
-POOL_BLOCK = 4096
-
-OK, MISSING, CORRUPT = "ok", "missing", "corrupt"
-
-
-@dataclass
-class PrepareConfig:
-    """``params.yaml: prepare``."""
-
-    out: Path = Path("data/prepared")
-    datasets: list[str] = field(default_factory=lambda: list(DATASETS))
-    image_size: int = 64
-    target_ratio: float = 1.25
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    # Decoding processes; 0 = auto: 2 for large galleries on machines with >= 4 cores, else 1
-    # (on 2 cores the pool's transfer overhead outweighs decoding small images in parallel).
-    workers: int = 0
-
-    def validate(self) -> None:
-        unknown = [d for d in self.datasets if d not in DATASETS]
-        if unknown:
-            raise ValueError(f"datasets: unknown {unknown}; allowed: {list(DATASETS)}")
-        if not self.datasets:
-            raise ValueError("datasets: empty list")
-        if len(set(self.datasets)) != len(self.datasets):
-            raise ValueError(f"datasets: duplicates in {self.datasets}")
-        if self.image_size < 8:
-            raise ValueError(f"image_size: must be >= 8, got {self.image_size}")
-        if self.target_ratio < 1.0:
-            raise ValueError(f"target_ratio: must be >= 1.0, got {self.target_ratio}")
-        if self.max_image_pixels <= 0:
-            raise ValueError(f"max_image_pixels: must be positive, got {self.max_image_pixels}")
-        if self.workers < 0:
-            raise ValueError(f"workers: must be >= 0, got {self.workers}")
-
 
 def run_prepare(
     cfg: PrepareConfig, root: str | Path, out: str | Path, progress: bool = True
@@ -155,7 +106,8 @@ def prepare_dataset(
     results: dict[str, tuple[str, str, int | None, int | None, int]] = {}
     n_ok = 0
     bar = tqdm(total=len(unique), desc=f"prepare {ds.name}", unit="img", disable=not progress)
-    decoded = _decode_all(ds, unique, cfg)
+    decoded = decode_all(ds, unique, size=size, target_ratio=cfg.target_ratio,
+                         max_image_pixels=cfg.max_image_pixels, workers=cfg.workers)
     try:
         for path, (status, reason, w, h, arr) in zip(unique, decoded, strict=True):
             index = -1
@@ -187,7 +139,7 @@ def prepare_dataset(
     warnings = list(ds.warnings)
     if unique and found_unique == 0 and not any(w.startswith("images absent") for w in warnings):
         warnings.append(f"images absent: all {len(unique)} image files missing; every image quarantined")
-    for note, n in _conversion_counts(results).items():
+    for note, n in conversion_counts(results).items():
         warnings.append(f"{n} image(s) decoded with a conversion: {note} (see summary.json 'converted')")
     for w in warnings:
         log.warning("%s: %s", ds.name, w)
@@ -203,96 +155,12 @@ def prepare_dataset(
             MISSING: sum(1 for q in quarantine if q["status"] == MISSING),
             CORRUPT: sum(1 for q in quarantine if q["status"] == CORRUPT),
         },
-        "converted": _conversion_counts(results),
+        "converted": conversion_counts(results),
         "splits": breakdown(ds.queries, images, status != MISSING, status == OK),
         "warnings": warnings,
     }
     _write_json(dest / "summary.json", summary)
     return summary
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-def _missing_reason(file: str | os.PathLike, path: str) -> str:
-    if os.path.islink(file):
-        return f"file not found: {path} is a broken symbolic link (-> {os.readlink(file)})"
-    return f"file not found: {path}"
-
-
-def _conversion_counts(results: dict) -> dict[str, int]:
-    """How many decoded images needed each kind of conversion to 8-bit RGB (notes of OK images)."""
-    counts: dict[str, int] = {}
-    for status, notes, *_ in results.values():
-        if status == OK and notes:
-            for note in notes.split("; "):
-                counts[note] = counts.get(note, 0) + 1
-    return dict(sorted(counts.items()))
-
-
-def _decode_all(ds: NativeDataset, unique: list[str], cfg: PrepareConfig) -> Generator[tuple, None, None]:
-    """Decode results in the order of ``unique``; a pool when the gallery is large enough."""
-    decode = functools.partial(
-        decode_task, size=cfg.image_size, target_ratio=cfg.target_ratio, max_image_pixels=cfg.max_image_pixels
-    )
-    tasks = _tasks(ds, unique)
-    workers = cfg.workers or (2 if len(unique) >= POOL_MIN_IMAGES and (os.cpu_count() or 1) >= 4 else 1)
-    if workers <= 1:
-        yield from map(decode, tasks)
-        return
-    # fork: workers inherit the imported modules; spawn would re-import pandas/pyarrow per worker.
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(workers) as pool:
-        # Pool.imap drains its input eagerly; feeding bounded blocks keeps embedded (parquet)
-        # image bytes from piling up in memory.
-        while block := list(itertools.islice(tasks, POOL_BLOCK)):
-            yield from pool.imap(decode, block, chunksize=POOL_CHUNKSIZE)
-
-
-def _tasks(
-    ds: NativeDataset, unique: list[str]
-) -> Iterator[tuple[str, str | None, bytes | None, str | None]]:
-    """(path, file to read, bytes already read, missing reason): files are read by the decoder so
-    the pool parallelises I/O too; embedded (parquet) images are read here."""
-    root = os.fspath(ds.root)
-    for path in unique:
-        if not ds.embedded:
-            yield path, os.path.join(root, path), None, None
-            continue
-        try:
-            yield path, None, ds.open_image_bytes(path), None
-        except FileNotFoundError as exc:
-            yield path, None, None, str(exc)
-
-
-def decode_task(
-    task: tuple[str, str | None, bytes | None, str | None],
-    *,
-    size: int,
-    target_ratio: float,
-    max_image_pixels: int,
-) -> tuple[str, str, int | None, int | None, np.ndarray | None]:
-    """One image -> (status, reason, width, height, pixels); never raises for bad images."""
-    path, file, data, missing = task
-    if missing is not None:
-        return MISSING, missing, None, None, None
-    if file is not None:
-        try:
-            with open(file, "rb") as fh:
-                data = fh.read()
-        except (FileNotFoundError, IsADirectoryError):
-            return MISSING, _missing_reason(file, path), None, None, None
-        except OSError as exc:
-            return CORRUPT, f"unreadable file: {type(exc).__name__}: {exc}", None, None, None
-    assert data is not None
-    try:
-        img = decode_image(data, max_image_pixels=max_image_pixels)
-        w, h = img.size
-        notes = "; ".join(img.info.get(NOTES_KEY, ()))
-        arr = preprocess_image(img, size, target_ratio)
-    except ImageDecodeError as exc:
-        return CORRUPT, exc.reason, None, None, None
-    return OK, notes, w, h, arr  # for an OK image the reason field holds its conversion notes
 
 
 # --------------------------------------------------------------------------- outputs
