@@ -171,7 +171,8 @@ def case_search(spec: dict) -> dict:
 
 def case_ann(spec: dict) -> dict:
     """IVF-Flat / IVF-PQ on the clustered gallery against our exact search on the same queries."""
-    from detailfusion.retrieval.search import build_index, exact_search, recall_at_k
+    from detailfusion.retrieval.faiss_index import build_index, recall_at_k
+    from detailfusion.retrieval.search import exact_search
 
     n, d, nq, repeats = spec["n"], spec["d"], spec["nq"], spec["repeats"]
     g = clustered_gallery(n, d, seed=7)

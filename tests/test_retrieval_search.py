@@ -8,7 +8,8 @@ import torch
 
 from detailfusion.eval import metrics
 from detailfusion.retrieval import search
-from detailfusion.retrieval.search import SearchError, build_index, exact_search, recall_at_k
+from detailfusion.retrieval.faiss_index import build_index, recall_at_k
+from detailfusion.retrieval.search import SearchError, exact_search
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

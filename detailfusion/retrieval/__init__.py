@@ -1,7 +1,7 @@
 """Batch retrieval with a trained or registered DetailFusion model.
 
 * ``embed.py``: the one embedding code path (evaluation, stage-3 cache, pyfunc, batch jobs);
-* ``search.py``: exact search and FAISS indexes; ``searching.py``: the job's use of them;
+* ``search.py``: exact search; ``faiss_index.py``: FAISS indexes; ``searching.py``: the job's use of them;
 * ``inputs.py`` / ``storage.py``: galleries and query sets on local paths or ``s3://``;
 * ``shards.py``: resumable gallery embedding shards; ``resolve.py``: the model a job runs;
 * ``job.py``: ``run_retrieval`` (``detailfusion retrieve``, ``cli.py``); ``writing.py`` /

@@ -1,26 +1,20 @@
-"""Nearest-neighbour search over L2-normalised embeddings: exact (torch) and FAISS indexes.
+"""Exact nearest-neighbour search over L2-normalised embeddings (torch), and its input checks.
 
 :func:`exact_search` is a blocked matrix product with a running top-k: the gallery is visited in
 blocks, each block's similarities are filtered by group maxima against the running k-th score,
 reduced to their top ``k`` and merged into the running list. The order is (score descending, gallery index
 ascending), the evaluate stage's ranking (:func:`detailfusion.eval.metrics.rank_gallery`), so ties
-are deterministic. :func:`build_index` wraps FAISS ``IndexFlatIP``, IVF-Flat and IVF-PQ (trained
-on a sample; IVF-PQ candidates re-ranked by their exact inner product) behind the same
-``(scores, indices)`` result, and :func:`recall_at_k` measures an approximate index against exact
-search.
+are deterministic. The FAISS indexes (:mod:`detailfusion.retrieval.faiss_index`) return the same
+``(scores, indices)`` result and share the input checks and the ordering (:func:`lex_order`) here.
 """
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from detailfusion.errors import DetailFusionError
 
-INDEX_KINDS: tuple[str, ...] = ("flat", "ivf_flat", "ivf_pq")
 # Similarity entries per (query chunk x gallery block) product on CPU: 8M float32 = 32 MB. On CPU
 # few queries against long gallery blocks measured fastest (fewer, better-filtered blocks).
 _CPU_BLOCK_ELEMENTS = 1 << 23
@@ -62,14 +56,14 @@ def exact_search(
     """
     dev = _device(device)
     compute = _compute_dtype(dtype, dev, queries, gallery)
-    q = _as_matrix(queries, "queries")
-    g = _as_matrix(gallery, "gallery")
-    _check_pair(q, g)
+    q = as_matrix(queries, "queries")
+    g = as_matrix(gallery, "gallery")
+    check_pair(q, g)
     if batch_size < 1:
         raise SearchError(f"exact_search: batch_size must be >= 1, got {batch_size}")
     n_query, n_gallery = q.shape[0], g.shape[0]
-    excl = _exclusions(exclude, n_query, n_gallery)
-    k = _clamp_k(k, n_gallery, excl)
+    excl = exclusions(exclude, n_query, n_gallery)
+    k = clamp_k(k, n_gallery, excl)
 
     q = q.to(device=dev, dtype=compute)
     g = g.to(device=dev, dtype=compute)
@@ -169,10 +163,10 @@ def _block_top_k(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
         rows = torch.nonzero(crossing).squeeze(1)
         order = torch.sort(sims[rows], dim=1, descending=True, stable=True)
         vals[rows], idx[rows] = order.values[:, :k], order.indices[:, :k]
-    return _lex_order(vals, idx)
+    return lex_order(vals, idx)
 
 
-def _lex_order(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lex_order(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reorder each row by (value desc, index asc)."""
     idx_sorted, perm = torch.sort(idx, dim=1)
     vals = vals.gather(1, perm)
@@ -184,197 +178,12 @@ def _merge(
     av: torch.Tensor, ai: torch.Tensor, bv: torch.Tensor, bi: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best ``k`` of two row-wise candidate lists (disjoint indices) by (value desc, index asc)."""
-    vals, idx = _lex_order(torch.cat([av, bv], dim=1), torch.cat([ai, bi], dim=1))
+    vals, idx = lex_order(torch.cat([av, bv], dim=1), torch.cat([ai, bi], dim=1))
     return vals[:, :k].contiguous(), idx[:, :k].contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
-# FAISS indexes
-
-
-@dataclass
-class SearchIndex:
-    """A FAISS index over a gallery plus the float32 gallery kept for exact re-ranking."""
-
-    kind: str
-    index: object
-    gallery: np.ndarray = field(repr=False)
-    nlist: int | None = None
-    pq_m: int | None = None
-    nbits: int | None = None
-    train_size: int | None = None
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.gallery.shape[0])
-
-    def search(
-        self,
-        queries: Array,
-        k: int,
-        *,
-        nprobe: int | None = None,
-        rerank: int | None = None,
-        exclude: Array | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` like :func:`exact_search` (same order and tie rule, same ``exclude``).
-
-        ``nprobe`` (IVF kinds, default 8) is the number of inverted lists visited per query.
-        ``rerank`` (IVF-PQ, default ``10 * k``) is the number of PQ candidates re-scored with their
-        exact inner product before the top ``k`` is kept. An approximate index can find fewer
-        than ``k`` rows for a query; missing places hold index ``-1`` and score ``-inf``.
-        """
-        q = _as_matrix(queries, "queries").to(torch.float32)
-        _check_pair(q, torch.from_numpy(self.gallery[:1]))
-        n_query = q.shape[0]
-        excl = _exclusions(exclude, n_query, self.ntotal)
-        k = _clamp_k(k, self.ntotal, excl)
-        if self.kind != "flat":
-            probe = 8 if nprobe is None else int(nprobe)
-            if probe < 1:
-                raise SearchError(f"SearchIndex.search: nprobe must be >= 1, got {probe}")
-            faiss_ivf(self.index).nprobe = min(probe, self.nlist)
-        wanted = k
-        if self.kind == "ivf_pq":
-            wanted = max(k, 10 * k if rerank is None else int(rerank))
-        wanted = min(wanted + (excl is not None), self.ntotal)
-        qn = np.ascontiguousarray(q.numpy())
-        cand_v, cand_i = self.index.search(qn, wanted)
-        if self.kind == "ivf_pq":
-            cand_v = _exact_scores(qn, self.gallery, cand_i)
-        cand_v = torch.from_numpy(np.asarray(cand_v, dtype=np.float32))
-        cand_i = torch.from_numpy(np.asarray(cand_i, dtype=np.int64))
-        missing = cand_i < 0
-        if excl is not None:
-            missing |= cand_i == excl[:, None]
-        cand_v = cand_v.masked_fill(missing, float("-inf"))
-        # Missing rows sort last: index n_gallery beats no real index on ties at -inf.
-        cand_i = cand_i.masked_fill(missing, self.ntotal)
-        vals, idx = _lex_order(cand_v, cand_i)
-        vals, idx = vals[:, :k], idx[:, :k]
-        idx = idx.masked_fill(idx == self.ntotal, -1)
-        return vals.numpy().astype(np.float32, copy=False), idx.numpy().astype(np.int64, copy=False)
-
-
-def build_index(
-    gallery: Array,
-    kind: str = "flat",
-    *,
-    nlist: int | None = None,
-    pq_m: int | None = None,
-    nbits: int = 8,
-    train_size: int | None = None,
-    seed: int = 0,
-) -> SearchIndex:
-    """Build a FAISS inner-product index of ``kind`` ``flat``, ``ivf_flat`` or ``ivf_pq``.
-
-    IVF kinds cluster the gallery into ``nlist`` lists (default ``4 * sqrt(n)``, at most ``n / 39``)
-    with k-means on ``train_size`` rows sampled with ``seed`` (default ``64 * nlist``, at least
-    the ``2**nbits * 39`` rows PQ needs, at most ``n``). IVF-PQ stores ``pq_m`` sub-quantizer codes
-    of ``nbits`` bits per vector (``pq_m`` must divide the dimension; default ``d / 4``); with
-    ``nbits=4`` it is FAISS's fast-scan variant (``PQ<m>x4fs``), much quicker to train and scan.
-    """
-    import faiss
-
-    if kind not in INDEX_KINDS:
-        raise SearchError(f"build_index: unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
-    g = _as_matrix(gallery, "gallery").to(torch.float32)
-    if g.shape[0] == 0:
-        raise SearchError("build_index: the gallery is empty")
-    _check_finite(g, "gallery")
-    xb = np.ascontiguousarray(g.numpy())
-    n, d = xb.shape
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-        index.add(xb)
-        return SearchIndex(kind, index, xb)
-
-    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39)) if nlist is None else int(nlist)
-    if not 1 <= nlist <= n:
-        raise SearchError(f"build_index: nlist must be in [1, {n}] (gallery size), got {nlist}")
-    spec = f"IVF{nlist},Flat"
-    if kind == "ivf_pq":
-        pq_m = max(1, d // 4) if pq_m is None else int(pq_m)
-        if pq_m < 1 or d % pq_m:
-            raise SearchError(f"build_index: pq_m={pq_m} must be a positive divisor of the dimension {d}")
-        if not 1 <= nbits <= 16:
-            raise SearchError(f"build_index: nbits must be in [1, 16], got {nbits}")
-        spec = f"IVF{nlist},PQ{pq_m}x{nbits}"
-        if nbits == 4:
-            # 4-bit codes use FAISS's SIMD fast-scan layout: ~16x cheaper PQ training, faster scans.
-            if pq_m % 2:
-                raise SearchError(f"build_index: 4-bit (fast-scan) IVF-PQ needs an even pq_m, got {pq_m}")
-            spec += "fs"
-    need = nlist if kind == "ivf_flat" else max(nlist, 2**nbits)
-    if train_size is None:
-        train_size = min(n, max(64 * nlist, 39 * 2**nbits if kind == "ivf_pq" else 0))
-    if not need <= train_size <= n:
-        raise SearchError(f"build_index: train_size must be in [{need}, {n}] for {spec}, got {train_size}")
-    rng = np.random.default_rng(seed)
-    sample = xb[np.sort(rng.choice(n, size=train_size, replace=False))]
-    index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
-    faiss_ivf(index).cp.seed = seed
-    if kind == "ivf_pq":
-        index.pq.cp.seed = seed
-    index.train(sample)
-    index.add(xb)
-    return SearchIndex(kind, index, xb, nlist=nlist, pq_m=pq_m, nbits=nbits if kind == "ivf_pq" else None,
-                       train_size=train_size)
-
-
-def _exact_scores(queries: np.ndarray, gallery: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Inner product of each query with its candidate rows (``-1`` ids score ``-inf``)."""
-    chunk = max(1, (1 << 22) // max(1, ids.shape[1] * gallery.shape[1]))  # ~16 MB of gathered rows
-    q = torch.from_numpy(queries)
-    g = torch.from_numpy(gallery)
-    idx = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-    out = torch.empty(idx.shape, dtype=torch.float32)
-    for s in range(0, q.shape[0], chunk):
-        rows = idx[s : s + chunk]
-        cand = g[rows.clamp(min=0)]
-        out[s : s + chunk] = torch.bmm(cand, q[s : s + chunk, :, None]).squeeze(2).masked_fill(rows < 0, float("-inf"))
-    return out.numpy()
-
-
-def recall_at_k(approx_idx: Array, exact_idx: Array, k: int, *, approx_scores: Array | None = None,
-                exact_scores: Array | None = None, tie_tol: float = 1e-5) -> float:
-    """Mean fraction of each query's exact top-``k`` found in its approximate top-``k``.
-
-    Index ``-1`` (no result) never counts as found; a query whose exact list is shorter than
-    ``k`` is scored against the entries it has. With both score arrays, recall is tie-aware: an
-    approximate result that is not in the exact list still counts when its score is within
-    ``tie_tol`` of the exact ``k``-th score (two galleries items with the same score, or scores that
-    differ only by the summation order of two libraries, may come in either order).
-    """
-    a = np.asarray(approx_idx)
-    e = np.asarray(exact_idx)
-    if a.ndim != 2 or e.ndim != 2 or a.shape[0] != e.shape[0]:
-        raise SearchError(f"recall_at_k: index arrays must be 2-D with the same rows, got {a.shape} and {e.shape}")
-    if k < 1 or k > e.shape[1] or k > a.shape[1]:
-        raise SearchError(f"recall_at_k: k={k} must be in [1, {min(a.shape[1], e.shape[1])}]")
-    if a.shape[0] == 0:
-        raise SearchError("recall_at_k: no queries")
-    a, e = a[:, :k], e[:, :k]
-    wanted = np.maximum((e >= 0).sum(axis=1), 1)
-    if approx_scores is None or exact_scores is None:
-        found = (e[:, :, None] == a[:, None, :]).any(axis=2) & (e >= 0)
-        return float(np.mean(found.sum(axis=1) / wanted))
-    sa, se = np.asarray(approx_scores)[:, :k], np.asarray(exact_scores)[:, :k]
-    in_exact = (a[:, :, None] == e[:, None, :]).any(axis=2)
-    kth = np.where(e >= 0, se, np.inf).min(axis=1, keepdims=True)
-    hits = ((in_exact | (sa >= kth - tie_tol)) & (a >= 0)).sum(axis=1)
-    return float(np.mean(np.minimum(hits, wanted) / wanted))
-
-
-def faiss_ivf(index: object) -> object:
-    """The inverted-file part of a FAISS index (where ``nprobe`` and the k-means seed live)."""
-    import faiss
-
-    return faiss.extract_index_ivf(index)
-
-
-# ---------------------------------------------------------------------------------------------
-# Input checks
+# Input checks (shared with detailfusion.retrieval.faiss_index)
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -402,7 +211,8 @@ def _compute_dtype(dtype: str | torch.dtype | None, dev: torch.device, *arrays: 
     return dtype
 
 
-def _as_matrix(x: Array, what: str) -> torch.Tensor:
+def as_matrix(x: Array, what: str) -> torch.Tensor:
+    """A 2-D numeric array or tensor as a detached floating-point tensor (integers become float32)."""
     if isinstance(x, torch.Tensor):
         t = x.detach()
     else:
@@ -417,7 +227,8 @@ def _as_matrix(x: Array, what: str) -> torch.Tensor:
     return t
 
 
-def _check_finite(t: torch.Tensor, what: str, rows: int = 1 << 16) -> None:
+def check_finite(t: torch.Tensor, what: str, rows: int = 1 << 16) -> None:
+    """Raise :class:`SearchError` naming the first row of ``t`` that holds NaN or inf."""
     # In row blocks: isfinite over a whole 1M x 256 gallery allocates ~1.7 GB of temporaries.
     for start in range(0, t.shape[0], rows):
         bad = ~torch.isfinite(t[start : start + rows]).all(dim=1)
@@ -426,16 +237,18 @@ def _check_finite(t: torch.Tensor, what: str, rows: int = 1 << 16) -> None:
             raise SearchError(f"{what}: row {row} contains NaN or inf")
 
 
-def _check_pair(q: torch.Tensor, g: torch.Tensor) -> None:
+def check_pair(q: torch.Tensor, g: torch.Tensor) -> None:
+    """Queries and gallery are searchable together: non-empty gallery, same dimension, finite."""
     if g.shape[0] == 0:
         raise SearchError("the gallery is empty: nothing to search")
     if q.shape[1] != g.shape[1]:
         raise SearchError(f"dimension mismatch: queries have dim {q.shape[1]}, gallery has dim {g.shape[1]}")
-    _check_finite(q, "queries")
-    _check_finite(g, "gallery")
+    check_finite(q, "queries")
+    check_finite(g, "gallery")
 
 
-def _exclusions(exclude: Array | None, n_query: int, n_gallery: int) -> torch.Tensor | None:
+def exclusions(exclude: Array | None, n_query: int, n_gallery: int) -> torch.Tensor | None:
+    """``exclude`` checked as one gallery index (or -1) per query; ``None`` when nothing is excluded."""
     if exclude is None:
         return None
     ex = torch.as_tensor(np.asarray(exclude.cpu() if isinstance(exclude, torch.Tensor) else exclude))
@@ -451,7 +264,8 @@ def _exclusions(exclude: Array | None, n_query: int, n_gallery: int) -> torch.Te
     return ex if bool((ex >= 0).any()) else None
 
 
-def _clamp_k(k: int, n_gallery: int, excl: torch.Tensor | None) -> int:
+def clamp_k(k: int, n_gallery: int, excl: torch.Tensor | None) -> int:
+    """``k`` checked and clamped to the rankable gallery (one row fewer when anything is excluded)."""
     if isinstance(k, bool) or int(k) != k or k < 1:
         raise SearchError(f"k must be a positive integer, got {k!r}")
     rankable = n_gallery - (1 if excl is not None else 0)

@@ -1,4 +1,4 @@
-"""The job's search step on top of :mod:`detailfusion.retrieval.search` (exact search, FAISS indexes).
+"""The job's search step: exact search (``retrieval/search.py``) or a FAISS index (``faiss_index.py``).
 
 Both drop each query's excluded gallery row (the CIRR protocol: the reference). For an
 approximate index, recall@k against exact search is measured on a seeded sample of queries and
@@ -12,7 +12,8 @@ import numpy as np
 
 def run_search(queries: np.ndarray, gallery: np.ndarray, cfg, exclude: np.ndarray | None):
     """``(scores [nq, k], indices [nq, k] into gallery rows (-1 = none), index info for the summary)``."""
-    from detailfusion.retrieval.search import build_index, exact_search, recall_at_k
+    from detailfusion.retrieval.faiss_index import build_index, recall_at_k
+    from detailfusion.retrieval.search import exact_search
 
     n_gallery = gallery.shape[0]
     k = max(1, min(cfg.top_k, n_gallery - (1 if exclude is not None else 0)))
