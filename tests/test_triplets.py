@@ -34,8 +34,7 @@ def test_evaluating_an_unknown_split_names_the_data_set_and_split(tiny_world):
     import pytest
 
     from detailfusion.errors import DetailFusionError
-    from detailfusion.eval.evaluate import _split_queries
 
     prepared = load_prepared(Path(tiny_world["params"]["prepare"]["out"]), "cirr")
     with pytest.raises(DetailFusionError, match=r"cirr: no queries in split 'bogus'"):
-        _split_queries(prepared, "bogus")
+        prepared.split_queries("bogus")

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from detailfusion.data.manifest import LIST_COLUMNS, PREPARED_IMAGE_COLUMNS, QUERY_COLUMNS
-from detailfusion.errors import DataFormatError
+from detailfusion.errors import DataFormatError, DetailFusionError
 
 
 @dataclass
@@ -64,10 +64,15 @@ class PreparedDataset:
             raise KeyError(f"{self.name}: no gallery for split {split!r} category {category!r}; have {have}")
         return sel["image_id"].tolist(), sel["pixel_index"].to_numpy(dtype=np.int64)
 
-    def split_queries(self, split: str, category: str = "") -> pd.DataFrame:
-        """The queries of one split (and category), in file order."""
+    def split_queries(self, split: str, category: str | None = None) -> pd.DataFrame:
+        """The queries of one split (of one category when given), in file order; an error when none."""
         q = self.queries
-        return q[(q["split"] == split) & (q["category"] == category)].reset_index(drop=True)
+        q = q[q["split"] == split]
+        if category is not None:
+            q = q[q["category"] == category]
+        if q.empty:
+            raise DetailFusionError(f"{self.path}: no queries in split '{split}'" + (f" ({category})" if category else ""))
+        return q.reset_index(drop=True)
 
 
 def load_prepared(prepared_dir: str | Path, dataset: str) -> PreparedDataset:

@@ -55,16 +55,6 @@ embed_images = embed_gallery
 # --------------------------------------------------------------------------- protocols
 
 
-def _split_queries(prepared, split: str, category: str | None = None):
-    q = prepared.queries
-    q = q[q["split"] == split]
-    if category is not None:
-        q = q[q["category"] == category]
-    if q.empty:
-        raise DetailFusionError(f"{prepared.path}: no queries in split '{split}'" + (f" ({category})" if category else ""))
-    return q.reset_index(drop=True)
-
-
 def _ref_index(prepared, split: str, q, category: str = "") -> np.ndarray:
     return np.asarray([prepared.pixel_index(split, r, category) for r in q["reference"]], dtype=np.int64)
 
@@ -72,7 +62,7 @@ def _ref_index(prepared, split: str, q, category: str = "") -> np.ndarray:
 def cirr_evaluation(model, prepared, split: str = "val", batch_size: int = 256, progress: bool = False,
                     baselines: bool = True) -> dict:
     """Everything the CIRR protocol needs for one model on one split (features, rankings, hits)."""
-    q = _split_queries(prepared, split)
+    q = prepared.split_queries(split)
     names, gidx = prepared.gallery(split)
     names = list(names)
     gallery = embed_gallery(model, prepared.pixels, np.asarray(gidx), batch_size, progress)
@@ -113,7 +103,7 @@ def fiq_evaluation(model, prepared, split: str = "val", batch_size: int = 256, p
     per_variant: dict[str, dict] = {}
     hits_all: dict[str, dict] = {}
     for cat in sorted(set(prepared.queries["category"]) - {""}):
-        q = _split_queries(prepared, split, cat)
+        q = prepared.split_queries(split, cat)
         names, gidx = prepared.gallery(split, cat)
         gallery = embed_gallery(model, prepared.pixels, np.asarray(gidx), batch_size, progress, desc=f"gallery {cat}")
         emb = embed_queries(model, prepared.pixels, _ref_index(prepared, split, q, cat), q["caption"].tolist(),
