@@ -8,6 +8,10 @@ Training and evaluation read only this (never the native files):
 
 Missing or inconsistent files raise a DataFormatError naming the file, so a half-copied
 prepared folder fails at load time rather than as a shape error inside a training step.
+
+The readers of the single files (:func:`read_manifest`, :func:`read_quarantine`,
+:func:`open_pixels`) are also what the ``validate`` stage reads: it checks the cross-file
+consistency that :func:`load_prepared` insists on as expectations with a report instead.
 """
 
 from __future__ import annotations
@@ -80,8 +84,8 @@ def load_prepared(prepared_dir: str | Path, dataset: str) -> PreparedDataset:
     path = Path(prepared_dir) / dataset
     if not path.is_dir():
         raise DataFormatError(path, "prepared data set not found (run `detailfusion data prepare` first)")
-    queries = _read_manifest(path / "queries.parquet", QUERY_COLUMNS)
-    images = _read_manifest(path / "images.parquet", PREPARED_IMAGE_COLUMNS)
+    queries = _typed(read_manifest(path / "queries.parquet", QUERY_COLUMNS), QUERY_COLUMNS)
+    images = _typed(read_manifest(path / "images.parquet", PREPARED_IMAGE_COLUMNS), PREPARED_IMAGE_COLUMNS)
     summary_path = path / "summary.json"
     try:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
@@ -93,12 +97,7 @@ def load_prepared(prepared_dir: str | Path, dataset: str) -> PreparedDataset:
         ) from None
 
     pixels_path = path / "pixels.npy"
-    try:
-        pixels = np.load(pixels_path, mmap_mode="r")
-    except FileNotFoundError:
-        raise DataFormatError(pixels_path, "file not found") from None
-    except (ValueError, OSError) as exc:
-        raise DataFormatError(pixels_path, f"not a readable .npy array: {exc}") from None
+    pixels = open_pixels(pixels_path)
     if (
         pixels.dtype != np.uint8
         or pixels.ndim != 4
@@ -118,17 +117,55 @@ def load_prepared(prepared_dir: str | Path, dataset: str) -> PreparedDataset:
     )
 
 
-def _read_manifest(path: Path, columns: dict[str, str]) -> pd.DataFrame:
+def read_manifest(path: Path, columns: dict[str, str]) -> pd.DataFrame:
+    """A manifest (``queries.parquet``/``images.parquet``) as stored, every column kept; a
+    DataFormatError when the file is absent or unreadable or lacks one of ``columns``."""
+    if not path.is_file():
+        raise DataFormatError(path, "file not found; run `detailfusion data prepare` first")
     try:
         table = pq.read_table(path)
-    except FileNotFoundError:
-        raise DataFormatError(path, "file not found") from None
     except (pa.ArrowException, OSError) as exc:
         raise DataFormatError(path, f"not a readable parquet file: {exc}") from None
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise DataFormatError(path, f"missing column(s) {missing}")
-    df = table.select(list(columns)).to_pandas()
+    return table.to_pandas()
+
+
+def read_quarantine(path: Path) -> list[dict[str, str]]:
+    """The prepare stage's quarantine list as ``{image_id, path, reason}`` with ``reason`` = "status: why"."""
+    if not path.is_file():
+        raise DataFormatError(path, "file not found; run `detailfusion data prepare` first")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataFormatError(path, f"not valid JSON: {exc}") from exc
+    if not isinstance(entries, list):
+        raise DataFormatError(
+            path, f"expected a JSON list of quarantined images, got {type(entries).__name__}"
+        )
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("image_id"), str):
+            raise DataFormatError(path, "entry must be an object with a string image_id", record=i)
+        reason = ": ".join(str(entry[k]) for k in ("status", "reason") if entry.get(k))
+        out.append({"image_id": entry["image_id"], "path": str(entry.get("path") or ""), "reason": reason})
+    return out
+
+
+def open_pixels(path: Path) -> np.ndarray:
+    """``pixels.npy`` memory-mapped (only the header is read: the cache can be hundreds of MB)."""
+    if not path.is_file():
+        raise DataFormatError(path, "file not found; run `detailfusion data prepare` first")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DataFormatError(path, f"not a readable .npy array: {exc}") from None
+
+
+def _typed(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    """The manifest's ``columns`` only, list columns as Python lists, integer columns as ``columns`` says."""
+    df = frame[list(columns)].copy()
     for col, dtype in columns.items():
         if col in LIST_COLUMNS:
             df[col] = [list(v) if v is not None else [] for v in df[col]]

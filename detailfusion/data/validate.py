@@ -23,17 +23,16 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from detailfusion import timings
 from detailfusion.config import to_dict
 from detailfusion.data.manifest import DATASETS, PREPARED_IMAGE_COLUMNS, QUERY_COLUMNS
+from detailfusion.data.prepared import open_pixels, read_manifest, read_quarantine
 from detailfusion.data.validation.checks import (
     IMAGE_ID_COLUMNS,
     QUERY_ID_COLUMNS,
@@ -46,7 +45,7 @@ from detailfusion.data.validation.checks import (
 )
 from detailfusion.data.validation.gx_runner import TableRun, gx_version, run_suites
 from detailfusion.errors import DataFormatError, ValidationFailed
-from detailfusion.fsutil import atomic_path
+from detailfusion.fsutil import atomic_path, replace_dir
 
 REPORT_NAME = "report.json"
 DOCS_NAME = "data_docs"
@@ -136,7 +135,7 @@ def run_validate(cfg: ValidateConfig, prepared: Path, report_dir: Path) -> dict[
             results = run_suites(runs, docs_tmp)
         report = build_report(cfg, prepared, report_dir, datasets, runs, results, gx_version())
         with timings.phase("write"):
-            _replace_dir(docs_tmp, report_dir / DOCS_NAME)
+            replace_dir(docs_tmp, report_dir / DOCS_NAME)
     finally:
         shutil.rmtree(docs_tmp, ignore_errors=True)
     report_path = report_dir / REPORT_NAME
@@ -171,31 +170,24 @@ def find_datasets(prepared: Path) -> list[str]:
 
 
 def load_prepared(folder: Path, name: str) -> PreparedDataset:
-    """Load one prepared folder; structural problems raise :class:`DataFormatError` naming the file."""
-    queries = _read_table(folder / "queries.parquet", QUERY_COLUMNS)
-    images = _read_table(folder / "images.parquet", PREPARED_IMAGE_COLUMNS)
-    return PreparedDataset(
-        name=name,
-        folder=folder,
-        queries=queries,
-        images=images,
-        quarantine=_read_quarantine(folder / "quarantine.json"),
-        n_pixels=_pixel_rows(folder / "pixels.npy"),
-    )
+    """Load one prepared folder with the readers of :mod:`detailfusion.data.prepared`, but not its
+    cross-file checks (pixel rows, indices): those are expectations here. Structural problems raise
+    :class:`DataFormatError` naming the file."""
+    queries = _integers(read_manifest(folder / "queries.parquet", QUERY_COLUMNS), folder / "queries.parquet",
+                        QUERY_COLUMNS)
+    images_path = folder / "images.parquet"
+    images = _integers(read_manifest(images_path, PREPARED_IMAGE_COLUMNS), images_path, PREPARED_IMAGE_COLUMNS)
+    quarantine = read_quarantine(folder / "quarantine.json")
+    pixels = open_pixels(folder / "pixels.npy")
+    if pixels.ndim < 1:
+        raise DataFormatError(folder / "pixels.npy", f"expected one row per image, got a {pixels.ndim}-d array")
+    return PreparedDataset(name=name, folder=folder, queries=queries, images=images, quarantine=quarantine,
+                           n_pixels=int(pixels.shape[0]))
 
 
-def _read_table(path: Path, schema: dict[str, str]) -> pd.DataFrame:
-    columns = list(schema)
-    if not path.is_file():
-        raise DataFormatError(path, "file not found; run `detailfusion data prepare` first")
-    try:
-        df = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several unrelated types for a broken file
-        raise DataFormatError(path, f"cannot read parquet: {exc}") from exc
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise DataFormatError(path, f"missing column(s) {missing}")
-    for col in columns:
+def _integers(df: pd.DataFrame, path: Path, schema: dict[str, str]) -> pd.DataFrame:
+    """Integer columns of ``schema`` that came back as float become nullable ``Int64``."""
+    for col in schema:
         # Parquet written without pandas metadata reads a nullable int column back as float.
         if schema[col] in ("Int64", "int64") and not pd.api.types.is_integer_dtype(df[col]):
             try:
@@ -203,40 +195,6 @@ def _read_table(path: Path, schema: dict[str, str]) -> pd.DataFrame:
             except (TypeError, ValueError) as exc:
                 raise DataFormatError(path, f"column {col!r} must hold integers: {exc}") from exc
     return df.reset_index(drop=True)
-
-
-def _read_quarantine(path: Path) -> list[dict[str, str]]:
-    """The prepare stage's quarantine list as ``{image_id, path, reason}`` with ``reason`` = "status: why"."""
-    if not path.is_file():
-        raise DataFormatError(path, "file not found; run `detailfusion data prepare` first")
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataFormatError(path, f"not valid JSON: {exc}") from exc
-    if not isinstance(entries, list):
-        raise DataFormatError(
-            path, f"expected a JSON list of quarantined images, got {type(entries).__name__}"
-        )
-    out = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("image_id"), str):
-            raise DataFormatError(path, "entry must be an object with a string image_id", record=i)
-        reason = ": ".join(str(entry[k]) for k in ("status", "reason") if entry.get(k))
-        out.append({"image_id": entry["image_id"], "path": str(entry.get("path") or ""), "reason": reason})
-    return out
-
-
-def _pixel_rows(path: Path) -> int:
-    if not path.is_file():
-        raise DataFormatError(path, "file not found; run `detailfusion data prepare` first")
-    try:
-        # mmap reads only the header: the cache can be hundreds of MB.
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DataFormatError(path, f"not a readable .npy array: {exc}") from exc
-    if arr.ndim < 1:
-        raise DataFormatError(path, f"expected one row per image, got a {arr.ndim}-d array")
-    return int(arr.shape[0])
 
 
 # --------------------------------------------------------------------------- report
@@ -415,12 +373,3 @@ def _snake(class_name: str) -> str:
 def _write_json_atomic(path: Path, obj: Any) -> None:
     with atomic_path(path, fsync=True) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Put folder ``new`` at ``dest``; the old ``dest`` is moved aside first and removed last."""
-    old = dest.with_name(f".{dest.name}-old-{uuid.uuid4().hex[:8]}")
-    if dest.exists():
-        dest.rename(old)
-    new.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
