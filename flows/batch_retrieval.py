@@ -40,7 +40,7 @@ from flows.tasks import (
     tracking_uri,
 )
 
-LINEAGE_EXP_TAG = "lineage.dvc.exp_name"  # written by detailfusion.registry.operations.register
+LINEAGE_EXP_TAG = "lineage.dvc.exp_name"  # written by detailfusion.registry.registration.register
 
 
 @task(name="resolve-model-version", cache_policy=NO_CACHE, **NETWORK_RETRY)

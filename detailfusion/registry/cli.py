@@ -126,7 +126,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from detailfusion.registry.operations import metrics_from_files, register, registry_client
+    from detailfusion.registry.registration import metrics_from_files, register
+    from detailfusion.registry.versions import registry_client
 
     tracking, registry, _ = _configs(args)
     metrics = metrics_from_files(args.metrics)
@@ -137,7 +138,8 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from detailfusion.registry.operations import promote, registry_client
+    from detailfusion.registry.operations import promote
+    from detailfusion.registry.versions import registry_client
 
     tracking, registry, _ = _configs(args)
     decision = promote(_model_name(args, registry), version=args.version, force=args.force, config=registry,
@@ -147,7 +149,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from detailfusion.registry.operations import registry_client, rollback
+    from detailfusion.registry.operations import rollback
+    from detailfusion.registry.versions import registry_client
 
     tracking, registry, _ = _configs(args)
     result = rollback(_model_name(args, registry), config=registry, client=registry_client(tracking))
@@ -156,7 +159,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from detailfusion.registry.operations import format_versions, list_versions, registry_client
+    from detailfusion.registry.versions import format_versions, list_versions, registry_client
 
     tracking, registry, _ = _configs(args)
     name = _model_name(args, registry)

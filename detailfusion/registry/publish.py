@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from detailfusion.registry.config import RegistryConfig
-from detailfusion.registry.operations import promote, register, registry_client
+from detailfusion.registry.operations import promote
+from detailfusion.registry.registration import register
+from detailfusion.registry.versions import registry_client
 from detailfusion.tracking.config import TrackingConfig
 from detailfusion.tracking.runs import stage_run
 
@@ -37,7 +39,7 @@ def publish_model(
     """
     from detailfusion.errors import DetailFusionError
     from detailfusion.models.io import load_pretrained
-    from detailfusion.registry.operations import metrics_from_files
+    from detailfusion.registry.registration import metrics_from_files
     from detailfusion.tracking.pyfunc import log_fused_model
 
     tracking = tracking or TrackingConfig()
