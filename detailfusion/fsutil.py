@@ -1,8 +1,8 @@
 """Atomic file writes: a reader (or a failed run) never sees a half-written file or folder.
 
 The one place that knows how: :func:`atomic_path` (any writer that takes a path),
-:func:`write_text_atomic` / :func:`write_json_atomic`, and :func:`replace_dir` for outputs that
-are whole folders.
+:func:`write_text_atomic` / :func:`write_json_atomic`, :func:`replace_dir` for outputs that
+are whole folders, and :func:`write_stage_outputs` (a training stage's model folder and metrics).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +66,18 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """Pretty, key-sorted JSON written atomically (metrics files DVC and MLflow read)."""
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_stage_outputs(out_dir: str | Path, summary: dict, metrics_path: str | Path, metrics: dict,
+                        write_model: Callable[[Path], None] | None = None) -> None:
+    """A training stage's outputs: the folder ``out_dir`` (what ``write_model`` writes into it, plus
+    ``summary.json``) is built aside and swapped in whole, then ``metrics_path`` is written."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if write_model is not None:
+        write_model(tmp)
+    write_json_atomic(tmp / "summary.json", summary)
+    replace_dir(tmp, out_dir)
+    write_json_atomic(metrics_path, metrics)

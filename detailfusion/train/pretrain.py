@@ -32,7 +32,7 @@ from torch import nn
 from detailfusion import timings
 from detailfusion.config import load_section, to_dict
 from detailfusion.errors import ConfigError
-from detailfusion.fsutil import replace_dir, write_json_atomic
+from detailfusion.fsutil import write_stage_outputs
 from detailfusion.train.config import LoopConfig
 from detailfusion.train.data import StepSampler
 from detailfusion.train.loop import run_training
@@ -221,14 +221,10 @@ def run_pretrain(params: dict, params_path: str | Path = "params.yaml", metrics_
 
 
 def _write(out: Path, model: ClipWithTemperature | None, metrics: dict, metrics_path: Path) -> None:
-    """Swap the whole output folder in atomically, then the metrics file."""
+    """Swap the whole output folder in atomically (the backbone's weights unless skipped), then the metrics file."""
     from safetensors.torch import save_file
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if model is not None:
-        save_file(model.open_clip_state_dict(), str(tmp / CHECKPOINT_FILE))
-    write_json_atomic(tmp / "summary.json", metrics)
-    replace_dir(tmp, out)
-    write_json_atomic(metrics_path, metrics)
+    def write_model(folder: Path) -> None:
+        save_file(model.open_clip_state_dict(), str(folder / CHECKPOINT_FILE))
+
+    write_stage_outputs(out, metrics, metrics_path, metrics, write_model if model is not None else None)

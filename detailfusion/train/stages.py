@@ -25,7 +25,7 @@ import torch
 from detailfusion import timings
 from detailfusion.config import load_params, load_section, to_dict
 from detailfusion.errors import ConfigError
-from detailfusion.fsutil import replace_dir, write_json_atomic
+from detailfusion.fsutil import write_stage_outputs
 from detailfusion.pipeline import METHOD_STAGES, is_main_process
 from detailfusion.train.config import ModelSection, Stage1Config, Stage2Config, Stage3Config
 from detailfusion.train.data import StepSampler, build_triplets
@@ -55,13 +55,7 @@ def build_model(section: ModelSection, seed: int):
 def _save_stage(model, out_dir: Path, summary: dict, metrics_path: Path, metrics: dict) -> None:
     from detailfusion.models.io import save_pretrained
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_pretrained(model, tmp / "model")
-    write_json_atomic(tmp / "summary.json", summary)
-    replace_dir(tmp, out_dir)
-    write_json_atomic(metrics_path, metrics)
+    write_stage_outputs(out_dir, summary, metrics_path, metrics, lambda folder: save_pretrained(model, folder / "model"))
 
 
 class StageContext:
