@@ -11,12 +11,9 @@ import pytest
 import torch
 
 from detailfusion.eval.baselines import pixel_reference_baseline, reference_only_queries, text_only_queries
+from detailfusion.eval.hit_stats import MULTI_EDIT_KEY, NO_EDIT_KEY, bootstrap_ci, breakdown_by
 from detailfusion.eval.metrics import (
-    MULTI_EDIT_KEY,
-    NO_EDIT_KEY,
     EvalInputError,
-    bootstrap_ci,
-    breakdown_by,
     cirr_hits,
     cirr_metrics,
     cirr_rankings,

@@ -18,6 +18,7 @@ import numpy as np
 
 from detailfusion import timings
 from detailfusion.errors import DetailFusionError
+from detailfusion.eval import hit_stats
 from detailfusion.eval import metrics as M
 from detailfusion.eval.baselines import pixel_reference_baseline, reference_only_queries
 from detailfusion.fsutil import write_json_atomic
@@ -202,11 +203,11 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: Path, prepared_dir: Path, datas
     summary["branches"] = {k: _round(variants[k]["metrics"]) for k in ("gm", "di") if k in variants}
     summary["baselines"] = {k: _round(variants[k]["metrics"])
                             for k in ("reference_only", "text_only", "pixel_reference") if k in variants}
-    summary["ci95"] = {m: [round(x, 3) for x in M.bootstrap_ci(main["hits"][m], cfg.bootstrap, cfg.seed)]
+    summary["ci95"] = {m: [round(x, 3) for x in hit_stats.bootstrap_ci(main["hits"][m], cfg.bootstrap, cfg.seed)]
                        for m in ("R@1", "Rsub@1")}
     if q["edit_types"].map(len).sum():
         summary["by_edit_type"] = {k: _round(v) for k, v in
-                                   M.breakdown_by(main["hits"], [list(e) for e in q["edit_types"]]).items()}
+                                   hit_stats.breakdown_by(main["hits"], [list(e) for e in q["edit_types"]]).items()}
     if "weights" in res["embeddings"] and res["embeddings"]["weights"] is not None:
         w = res["embeddings"]["weights"]
         summary["afc_weight_di"] = {"mean": round(float(w[:, 1].mean()), 4), "std": round(float(w[:, 1].std()), 4)}
@@ -266,7 +267,7 @@ def heldout_evaluation(model, prepared, cfg: EvaluateConfig, progress: bool = Fa
         "metrics": _round(main["metrics"]),
         "baselines": {k: _round(variants[k]["metrics"])
                       for k in ("reference_only", "text_only", "pixel_reference") if k in variants},
-        "ci95": {m: [round(x, 3) for x in M.bootstrap_ci(main["hits"][m], cfg.bootstrap, cfg.seed)]
+        "ci95": {m: [round(x, 3) for x in hit_stats.bootstrap_ci(main["hits"][m], cfg.bootstrap, cfg.seed)]
                  for m in ("R@1", "Rsub@1")},
     }
 
