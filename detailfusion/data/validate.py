@@ -39,10 +39,9 @@ from detailfusion.data.validation.checks import (
     TABLE_LEVEL,
     Check,
     image_checks,
-    image_frame,
     query_checks,
-    query_frame,
 )
+from detailfusion.data.validation.columns import image_frame, query_frame
 from detailfusion.data.validation.gx_runner import TableRun, gx_version, run_suites
 from detailfusion.errors import DataFormatError, ValidationFailed
 from detailfusion.fsutil import atomic_path, replace_dir
