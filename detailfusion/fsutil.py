@@ -3,6 +3,7 @@
 The one place that knows how: :func:`atomic_path` (any writer that takes a path),
 :func:`write_text_atomic` / :func:`write_json_atomic`, :func:`replace_dir` for outputs that
 are whole folders, and :func:`write_stage_outputs` (a training stage's model folder and metrics).
+Also the one reader of a JSON file that must hold an object, :func:`read_json_object`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from detailfusion.errors import DataFormatError, DetailFusionError
 
 
 @contextlib.contextmanager
@@ -81,3 +84,27 @@ def write_stage_outputs(out_dir: str | Path, summary: dict, metrics_path: str | 
     write_json_atomic(tmp / "summary.json", summary)
     replace_dir(tmp, out_dir)
     write_json_atomic(metrics_path, metrics)
+
+
+def read_json_object(path: str | Path, missing: str = "file not found",
+                     error: type[DetailFusionError] | None = None) -> dict[str, Any]:
+    """The JSON object stored in ``path``. Anything else raises one error ``<path>: <problem>``: the
+    file is absent (``missing`` is the problem then), unreadable, not UTF-8 JSON, or its top level
+    is not an object. The error is a :class:`DataFormatError` unless ``error`` names another
+    :class:`DetailFusionError` (e.g. ``ConfigError`` for a config file)."""
+    path = Path(path)
+
+    def fail(problem: str) -> DetailFusionError:
+        return DataFormatError(path, problem) if error is None else error(f"{path}: {problem}")
+
+    if not path.is_file():
+        raise fail(missing)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise fail(f"not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise fail(f"cannot read: {exc}") from None
+    if not isinstance(data, dict):
+        raise fail(f"top level must be an object, got {type(data).__name__}")
+    return data

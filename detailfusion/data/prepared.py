@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from detailfusion.data.manifest import LIST_COLUMNS, PREPARED_IMAGE_COLUMNS, QUERY_COLUMNS
 from detailfusion.errors import DataFormatError, DetailFusionError
+from detailfusion.fsutil import read_json_object
 
 
 @dataclass
@@ -86,15 +87,7 @@ def load_prepared(prepared_dir: str | Path, dataset: str) -> PreparedDataset:
         raise DataFormatError(path, "prepared data set not found (run `detailfusion data prepare` first)")
     queries = _typed(read_manifest(path / "queries.parquet", QUERY_COLUMNS), QUERY_COLUMNS)
     images = _typed(read_manifest(path / "images.parquet", PREPARED_IMAGE_COLUMNS), PREPARED_IMAGE_COLUMNS)
-    summary_path = path / "summary.json"
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataFormatError(summary_path, "file not found") from None
-    except json.JSONDecodeError as exc:
-        raise DataFormatError(
-            summary_path, f"malformed JSON at line {exc.lineno} column {exc.colno}"
-        ) from None
+    summary = read_json_object(path / "summary.json")
 
     pixels_path = path / "pixels.npy"
     pixels = open_pixels(pixels_path)

@@ -21,7 +21,7 @@ import pandas as pd
 
 from detailfusion.errors import DataFormatError
 from detailfusion.eval.metrics import cirr_metrics
-from detailfusion.fsutil import write_text_atomic
+from detailfusion.fsutil import read_json_object, write_text_atomic
 
 VERSION = "rc2"
 RECALL_METRIC = "recall"
@@ -102,14 +102,7 @@ def read_cirr_submission(path: str | Path) -> tuple[str, dict[str, list[str]]]:
     has the wrong length, non-string entries, repeated names or names with an image extension.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(path, "submission file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataFormatError(path, f"not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise DataFormatError(path, f"top level must be an object, got {type(data).__name__}")
+    data = read_json_object(path, missing="submission file not found")
     if data.get("version") != VERSION:
         raise DataFormatError(path, f"'version' must be {VERSION!r}, got {data.get('version')!r}")
     metric = data.get("metric")

@@ -10,13 +10,13 @@ type or an impossible value is a :class:`~detailfusion.errors.ConfigError` namin
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from detailfusion.config import from_dict, to_dict
 from detailfusion.errors import ConfigError
+from detailfusion.fsutil import read_json_object
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -167,14 +167,7 @@ def list_models() -> list[str]:
 def read_config_file(path: str | Path) -> ModelConfig:
     """Load a :class:`ModelConfig` from a JSON file, naming the file in every error."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: model config file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be an object, got {type(data).__name__}")
+    data = read_json_object(path, missing="model config file not found", error=ConfigError)
     data.setdefault("name", path.stem)
     return ModelConfig.from_dict(data, where=str(path))
 

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from detailfusion.errors import ConfigError, DetailFusionError
+from detailfusion.fsutil import read_json_object
 from detailfusion.models.config import ModelConfig
 from detailfusion.models.factory import create_model
 from detailfusion.models.model import DetailFusionModel
@@ -150,13 +151,8 @@ def save_pretrained(model: DetailFusionModel, directory: str | Path) -> Path:
 def read_saved_config(directory: str | Path) -> tuple[ModelConfig, str]:
     """The (config, variant name) a saved model directory was written with."""
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found (is {directory} a saved DetailFusion model?)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json_object(path, missing=f"not found (is {directory} a saved DetailFusion model?)", error=ConfigError)
+    if meta.get("format") != FORMAT:
         raise ConfigError(f"{path}: not a DetailFusion model config (format must be '{FORMAT}')")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ConfigError(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from detailfusion.config import flatten
+from detailfusion.fsutil import read_json_object
 
 
 def read_metrics_json(path: str | Path) -> dict[str, float]:
@@ -14,17 +14,7 @@ def read_metrics_json(path: str | Path) -> dict[str, float]:
 
     A missing or malformed file raises :class:`~detailfusion.errors.DataFormatError` naming it.
     """
-    from detailfusion.errors import DataFormatError
-
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataFormatError(path, "metrics file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataFormatError(path, f"not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise DataFormatError(path, f"top level must be an object, got {type(data).__name__}")
+    data = read_json_object(path, missing="metrics file not found")
     return {
         k.replace(".", "/"): float(v)
         for k, v in flatten(data).items()

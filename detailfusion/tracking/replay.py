@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from detailfusion.errors import DataFormatError, DetailFusionError
+from detailfusion.fsutil import read_json_object
 from detailfusion.tracking.config import TrackingConfig
 from detailfusion.tracking.offline import update_offline_record
 from detailfusion.tracking.session import MLFLOW_PARENT, TrackingOffline, TrackingSession
@@ -22,12 +23,10 @@ TAG_REPLAYED = "detailfusion.replayed"
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        stages = json.loads(path.read_text(encoding="utf-8"))["stages"]
-    except FileNotFoundError:
-        raise DataFormatError(path, "offline record not found (nothing to replay)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise DataFormatError(path, f"not an offline tracking record: {exc}") from None
+    record = read_json_object(path, missing="offline record not found (nothing to replay)")
+    if "stages" not in record:
+        raise DataFormatError(path, "not an offline tracking record: no 'stages'")
+    stages = record["stages"]
     if not isinstance(stages, dict):
         raise DataFormatError(path, "'stages' must be an object")
     return stages
