@@ -45,3 +45,14 @@ def test_only_rank_0_is_the_main_process(monkeypatch):
     assert not is_main_process() and local_rank() == 1
     monkeypatch.setenv("RANK", "0")
     assert is_main_process()
+
+
+def test_every_top_level_module_has_a_row_in_the_table_and_the_doc():
+    """A new package or top-level module gets its place in the layering (``ALLOWED`` and the table of
+    docs/architecture.md) before it is used, instead of slipping past the check."""
+    pkg = ROOT / "detailfusion"
+    names = {p.stem for p in pkg.glob("*.py") if p.stem != "__init__"}
+    names |= {p.name for p in pkg.iterdir() if (p / "__init__.py").is_file()}
+    assert names - set(layers.ALLOWED) == set()
+    doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    assert {n for n in names if f"`{n}`" not in doc} == set()
