@@ -22,7 +22,6 @@ import os
 import posixpath
 from pathlib import Path
 
-from detailfusion.data.manifest import make_images, make_queries
 from detailfusion.data.native import (
     SIDECAR_NAME,
     DirIndex,
@@ -113,14 +112,7 @@ def read_cirr(
             )
 
     warnings += image_presence_warning(known, "gallery images", f"under {base}")
-    return NativeDataset(
-        name="cirr",
-        root=root,
-        queries=make_queries(query_rows),
-        images=make_images(image_rows),
-        warnings=warnings,
-        _known=known,
-    )
+    return NativeDataset.from_rows("cirr", root, query_rows, image_rows, warnings=warnings, _known=known)
 
 
 def _check_splits(root: Path, splits: list[str] | tuple[str, ...] | None) -> list[str]:

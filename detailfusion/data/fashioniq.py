@@ -17,7 +17,7 @@ from __future__ import annotations
 import posixpath
 from pathlib import Path
 
-from detailfusion.data.manifest import FIQ_CATEGORIES, make_images, make_queries
+from detailfusion.data.manifest import FIQ_CATEGORIES
 from detailfusion.data.native import (
     SIDECAR_NAME,
     DirIndex,
@@ -93,14 +93,7 @@ def read_fashioniq(
             )
 
     warnings += image_presence_warning(known, "image files", f"below {image_root or root}")
-    return NativeDataset(
-        name="fashioniq",
-        root=root,
-        queries=make_queries(query_rows),
-        images=make_images(image_rows),
-        warnings=warnings,
-        _known=known,
-    )
+    return NativeDataset.from_rows("fashioniq", root, query_rows, image_rows, warnings=warnings, _known=known)
 
 
 def _check(

@@ -24,7 +24,6 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from detailfusion.data.manifest import make_images, make_queries
 from detailfusion.data.native import (
     SIDECAR_NAME,
     DirIndex,
@@ -150,14 +149,7 @@ def _read_parquet(root: Path, shards: list[Path], cols: Ipr2prColumns) -> Native
                 )
             )
     store = _ParquetImages(root)
-    return NativeDataset(
-        name="ipr2pr",
-        root=root,
-        queries=make_queries(query_rows),
-        images=make_images(image_rows),
-        _exists=store.exists,
-        _open=store.open,
-    )
+    return NativeDataset.from_rows("ipr2pr", root, query_rows, image_rows, _exists=store.exists, _open=store.open)
 
 
 def _open_parquet(path: Path) -> pq.ParquetFile:
@@ -363,11 +355,4 @@ def _read_seeds(root: Path) -> NativeDataset:
             )
             row += 1
     warnings = image_presence_warning(known, "image files", f"below {root}")
-    return NativeDataset(
-        name="ipr2pr",
-        root=root,
-        queries=make_queries(query_rows),
-        images=make_images(image_rows),
-        warnings=warnings,
-        _known=known,
-    )
+    return NativeDataset.from_rows("ipr2pr", root, query_rows, image_rows, warnings=warnings, _known=known)

@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from detailfusion.data.manifest import make_images, make_queries
 from detailfusion.errors import DataFormatError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -43,6 +44,14 @@ class NativeDataset:
     _exists: Callable[[str], bool] | None = field(default=None, repr=False)
     _open: Callable[[str], bytes] | None = field(default=None, repr=False)
     _known: dict[str, bool] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_rows(
+        cls, name: str, root: Path, query_rows: list[dict[str, Any]], image_rows: list[dict[str, Any]], **fields: Any
+    ) -> NativeDataset:
+        """A reader's result from its query and image rows (made canonical by ``manifest.py``);
+        ``fields``: its ``warnings`` and image hooks."""
+        return cls(name=name, root=root, queries=make_queries(query_rows), images=make_images(image_rows), **fields)
 
     def image_source(self, row: Any) -> str | Path:
         """A gallery row's file (a :class:`Path`) or, for embedded images, its ``shard#row/column`` ref."""
