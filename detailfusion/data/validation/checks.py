@@ -108,13 +108,7 @@ def query_checks(dataset: str, queries: pd.DataFrame, *, max_caption_words: int)
         Check(
             "query_id_unique", "ExpectColumnValuesToBeUnique", "query_id", "query_id", "query_id is unique"
         ),
-        _in_set("split_allowed", "split", list(rules.splits), f"split is one of {', '.join(rules.splits)}"),
-        _in_set(
-            "category_allowed",
-            "category",
-            list(rules.categories),
-            "category is one of " + ", ".join(repr(c) for c in rules.categories),
-        ),
+        *_split_and_category(rules),
         _not_null("reference_present", "reference", "reference is not null"),
         _true(
             "reference_in_gallery",
@@ -219,13 +213,7 @@ def image_checks(
             {"min_value": 1},
         ),
         _in_set("dataset_name", "dataset", [dataset], f"every row belongs to data set {dataset!r}"),
-        _in_set("split_allowed", "split", list(rules.splits), f"split is one of {', '.join(rules.splits)}"),
-        _in_set(
-            "category_allowed",
-            "category",
-            list(rules.categories),
-            "category is one of " + ", ".join(repr(c) for c in rules.categories),
-        ),
+        *_split_and_category(rules),
         _not_null("image_id_present", "image_id", "image_id is not null"),
         _not_null("path_present", "path", "path is not null"),
         Check(
@@ -309,6 +297,19 @@ def image_checks(
 
 def _category_note(dataset: str) -> str:
     return " and category" if dataset == "fashioniq" else ""
+
+
+def _split_and_category(rules: FormatRules) -> list[Check]:
+    """The format's split names and categories: both suites check them."""
+    return [
+        _in_set("split_allowed", "split", list(rules.splits), f"split is one of {', '.join(rules.splits)}"),
+        _in_set(
+            "category_allowed",
+            "category",
+            list(rules.categories),
+            "category is one of " + ", ".join(repr(c) for c in rules.categories),
+        ),
+    ]
 
 
 def _in_set(name: str, column: str, values: list[Any], expected: str) -> Check:
