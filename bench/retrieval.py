@@ -19,6 +19,10 @@ Parts, all measured in one run on the same machine:
   (random init), from the uint8 pixel cache and from PNG/JPEG files (decode + targetpad + encode).
 
 Prints markdown tables and writes JSON (``--out``).
+
+One script on purpose (a little over 400 lines): the three parts share the galleries, the
+one-subprocess-per-case runner that gives each case its own peak RSS, and the report of one run;
+split up, a single benchmark run would be spread over several files.
 """
 
 from __future__ import annotations
