@@ -95,14 +95,7 @@ def query_checks(dataset: str, queries: pd.DataFrame, *, max_caption_words: int)
         else RowCondition("split", "in", list(rules.labelled_splits))
     )
     checks = [
-        Check(
-            "queries_not_empty",
-            "ExpectTableRowCountToBeBetween",
-            None,
-            TABLE_LEVEL,
-            "the table has at least one query",
-            {"min_value": 1},
-        ),
+        _not_empty("queries_not_empty", "query"),
         _in_set("dataset_name", "dataset", [dataset], f"every row belongs to data set {dataset!r}"),
         _not_null("query_id_present", "query_id", "query_id is not null"),
         Check(
@@ -204,14 +197,7 @@ def image_checks(
     """The ``images`` suite of one data set; ``n_pixels`` is the number of rows in ``pixels.npy``."""
     rules = FORMAT_RULES[dataset]
     checks = [
-        Check(
-            "images_not_empty",
-            "ExpectTableRowCountToBeBetween",
-            None,
-            TABLE_LEVEL,
-            "the table has at least one image",
-            {"min_value": 1},
-        ),
+        _not_empty("images_not_empty", "image"),
         _in_set("dataset_name", "dataset", [dataset], f"every row belongs to data set {dataset!r}"),
         *_split_and_category(rules),
         _not_null("image_id_present", "image_id", "image_id is not null"),
@@ -314,6 +300,12 @@ def _split_and_category(rules: FormatRules) -> list[Check]:
 
 def _in_set(name: str, column: str, values: list[Any], expected: str) -> Check:
     return Check(name, "ExpectColumnValuesToBeInSet", column, column, expected, {"value_set": values})
+
+
+def _not_empty(name: str, row: str) -> Check:
+    return Check(
+        name, "ExpectTableRowCountToBeBetween", None, TABLE_LEVEL, f"the table has at least one {row}", {"min_value": 1}
+    )
 
 
 def _not_null(name: str, column: str, expected: str) -> Check:
