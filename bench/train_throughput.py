@@ -50,10 +50,13 @@ def _fake_triplets(n: int, n_images: int, seed: int):
 
 def run_stage(config: str, stage: str, batch: int, steps: int, warmup: int, device: str, amp: str,
               threads: int) -> dict:
+    from dataclasses import replace
+
     import numpy as np
     import torch
 
     from detailfusion.models import create_model
+    from detailfusion.params import repo_section
     from detailfusion.train.config import LoopConfig
     from detailfusion.train.data import StepSampler
     from detailfusion.train.loop import (
@@ -85,7 +88,11 @@ def run_stage(config: str, stage: str, batch: int, steps: int, warmup: int, devi
         task = FusionTask(model, cache, StepSampler(np.full(n, -1), batch, 0), 0)
     task.to(dev)
     # the pipeline's own optimiser, schedule and step (clip, AMP scaler) over every step run here
-    cfg = LoopConfig(max_steps=warmup + 1 + steps, batch_size=batch, warmup_steps=warmup, amp=amp, device=device)
+    # (optimiser settings from the stage's params.yaml loop; the backbone trains, lr_backbone = lr, in every
+    # stage here so the figures measure the full backward pass, as they always have)
+    loop = repo_section(stage).loop
+    cfg: LoopConfig = replace(loop, max_steps=warmup + 1 + steps, batch_size=batch, warmup_steps=warmup, amp=amp,
+                              device=device, lr_backbone=loop.lr)
     groups = task.optimizer_groups(cfg.lr, cfg.lr_backbone, cfg.weight_decay)
     freeze_untrained(task, groups)
     opt = build_optimizer(groups, cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from detailfusion.errors import DetailFusionError
@@ -24,27 +25,39 @@ def _print_json(obj: object) -> None:
 # --------------------------------------------------------------------------- tracking
 
 
-def tracked(args: argparse.Namespace, stage: str, sections: tuple[str, ...], variant: str | None = None):
-    """The stage's MLflow run, or ``None`` untracked (``detailfusion.tracking.stages.tracked``);
-    the stage's wall-time breakdown is logged to it before it closes (``detailfusion.timings``)."""
+def tracked(args: argparse.Namespace, stage: str, logged: dict, variant: str | None = None):
+    """The stage's MLflow run, or ``None`` untracked (``detailfusion.tracking.stages.tracked``), with
+    ``logged`` (the stage's effective config) as run params; the stage's wall-time breakdown is
+    logged to it before it closes (``detailfusion.timings``)."""
     from detailfusion.timings import timed_run
     from detailfusion.tracking.stages import tracked as stage_tracking
 
-    return timed_run(stage_tracking(args.params, stage, sections, variant))
+    return timed_run(stage_tracking(args.config, stage, logged, variant))
+
+
+def _load_config(args: argparse.Namespace):
+    """All of ``--params``, checked once before the command reads any data (detailfusion.params).
+
+    The registry, batch-retrieval and tracking commands also run outside a checkout: there, with
+    ``--params`` left at its default and no such file, they use the installed checkout's file."""
+    from detailfusion.params import REPO_PARAMS, load_config
+
+    path = Path(args.params)
+    if not path.is_file() and args.params == "params.yaml" and args.command in ("registry", "retrieve", "tracking"):
+        path = REPO_PARAMS
+    return load_config(path)
 
 
 # --------------------------------------------------------------------------- data
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from detailfusion.config import load_section
-    from detailfusion.data.synthetic import SynthConfig, generate
+    from detailfusion.config import to_dict
+    from detailfusion.data.synthetic import generate
 
-    cfg = load_section(SynthConfig, args.params, "synthesize")
-    if args.seed is not None:
-        cfg.seed = args.seed
-    out = Path(args.out) if args.out else Path(_data_root(args.params))
-    with tracked(args, "synthesize", ("synthesize",)) as run:
+    cfg = replace(args.config.synthesize, **({} if args.seed is None else {"seed": args.seed}))
+    out = Path(args.out) if args.out else args.config.data.root
+    with tracked(args, "synthesize", {"synthesize": to_dict(cfg)}) as run:
         summary = generate(cfg, out, progress=not args.quiet)
         from detailfusion.tracking.stages import log_synthesize
 
@@ -55,33 +68,34 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from detailfusion.config import load_section
-    from detailfusion.data.prepare import PrepareConfig, run_prepare
+    from detailfusion.config import to_dict
+    from detailfusion.data.prepare import run_prepare
 
-    cfg = load_section(PrepareConfig, args.params, "prepare")
-    root = Path(args.root) if args.root else Path(_data_root(args.params))
+    cfg = args.config.prepare
+    root = Path(args.root) if args.root else args.config.data.root
     out = Path(args.out) if args.out else cfg.out
-    with tracked(args, "prepare", ("data", "prepare")) as run:
+    logged = {"data": {"root": str(root)}, "prepare": to_dict(replace(cfg, out=out))}
+    with tracked(args, "prepare", logged) as run:
         summary = run_prepare(cfg, root, out, progress=not args.quiet)
-        from detailfusion.config import load_params
         from detailfusion.tracking.stages import log_prepare
 
         with phase("tracking_log"):
-            log_prepare(run, load_params(args.params), out, cfg.datasets)
+            log_prepare(run, args.config, out, cfg.datasets)
     _print_json(summary)
     return 0
 
 
 def cmd_data_validate(args: argparse.Namespace) -> int:
-    from detailfusion.config import load_section
-    from detailfusion.data.validate import ValidateConfig, run_validate
+    from detailfusion.config import to_dict
+    from detailfusion.data.validate import run_validate
 
-    cfg = load_section(ValidateConfig, args.params, "validate")
+    cfg = args.config.validate
     prepared = Path(args.prepared) if args.prepared else cfg.prepared
     report_dir = Path(args.report_dir) if args.report_dir else cfg.report_dir
     from detailfusion.tracking.stages import log_validate, log_validation_report
 
-    with tracked(args, "validate", ("validate",)) as run:
+    logged = {"validate": to_dict(replace(cfg, prepared=prepared, report_dir=report_dir))}
+    with tracked(args, "validate", logged) as run:
         try:
             report = run_validate(cfg, prepared, report_dir)
         finally:
@@ -104,14 +118,12 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain_backbone(args: argparse.Namespace) -> int:
-    from detailfusion.config import load_params
     from detailfusion.tracking.stages import log_pretrain, step_logger
     from detailfusion.train.pretrain import METRICS_FILE, run_pretrain
 
-    params = load_params(args.params)
-    with tracked(args, "pretrain_backbone", ("model", "synthesize", "pretrain_backbone")) as run:
-        metrics = run_pretrain(params, args.params, args.metrics_dir, progress=not args.quiet,
-                               on_log=step_logger(run))
+    logged = args.config.section_dict(("model", "synthesize", "pretrain_backbone"))
+    with tracked(args, "pretrain_backbone", logged) as run:
+        metrics = run_pretrain(args.config, args.metrics_dir, progress=not args.quiet, on_log=step_logger(run))
         log_pretrain(run, Path(args.metrics_dir) / METRICS_FILE)
     _print_json(metrics)
     return 0
@@ -120,12 +132,12 @@ def cmd_pretrain_backbone(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.stage == "pretrain_backbone":
         return cmd_pretrain_backbone(args)
-    from detailfusion.train.stages import RUNNERS, StageContext
+    from detailfusion.train.stages import RUNNERS, StageContext, effective_config
 
-    ctx = StageContext(args.params, models_dir=args.models_dir, metrics_dir=args.metrics_dir)
+    ctx = StageContext(args.config, models_dir=args.models_dir, metrics_dir=args.metrics_dir)
     from detailfusion.tracking.stages import log_train, step_logger
 
-    with tracked(args, args.stage, ("model", args.stage)) as run:
+    with tracked(args, args.stage, effective_config(args.config, args.stage)) as run:
         metrics = RUNNERS[args.stage](ctx, progress=not args.quiet, on_log=step_logger(run))
         with phase("tracking_log"):
             log_train(run, args.stage, ctx.params, Path(args.metrics_dir), ctx.prepared_dir)
@@ -134,21 +146,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from detailfusion.config import load_params, load_section
-    from detailfusion.eval.evaluate import EvaluateConfig, run_evaluate, write_test_submission
+    from detailfusion.config import to_dict
+    from detailfusion.eval.evaluate import run_evaluate, write_test_submission
 
-    params = load_params(args.params)
-    cfg = load_section(EvaluateConfig, params, "evaluate", source=args.params)
-    prepared = Path(args.prepared or (params.get("prepare") or {}).get("out", "data/prepared"))
-    dataset = args.dataset or (params.get("stage2_branches") or {}).get("dataset", "cirr")
-    if args.split:
-        cfg.split = args.split
+    params = args.config
+    cfg = replace(params.evaluate, **({"split": args.split} if args.split else {}))
+    prepared = Path(args.prepared) if args.prepared else params.prepare.out
+    dataset = args.dataset or params.dataset
     if args.submission_only:
         paths = write_test_submission(Path(args.model), prepared, cfg.split, Path(args.out), cfg.batch_size,
                                       progress=not args.quiet)
         _print_json({"recall": str(paths[0]), "recall_subset": str(paths[1])})
         return 0
-    with tracked(args, "evaluate", ("evaluate",)) as run:
+    with tracked(args, "evaluate", {"evaluate": to_dict(cfg)}) as run:
         summary = run_evaluate(cfg, Path(args.model), prepared, dataset, progress=not args.quiet)
         from detailfusion.tracking.stages import log_evaluate
 
@@ -199,16 +209,6 @@ def cmd_ablations(args: argparse.Namespace) -> int:
               + "; ".join(f"{n}: {e}" for n, e in result.failed.items()), file=sys.stderr)
         return 1
     return 0
-
-
-def _data_root(params: str) -> str:
-    from detailfusion.config import load_params
-    from detailfusion.errors import ConfigError
-
-    data = load_params(params).get("data") or {}
-    if "root" not in data:
-        raise ConfigError(f"{params}: missing key data.root")
-    return str(data["root"])
 
 
 # --------------------------------------------------------------------------- parser
@@ -304,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     from detailfusion.timings import stage_timer
 
     try:
+        # every command but `data stats` reads params.yaml: all of it is checked here, once, before
+        # any data is read or any output (timings included) is written
+        args.config = None if args.func is cmd_data_stats else _load_config(args)
         with stage_timer(args):  # reports/timings/<stage>.json for the pipeline stages (not a DVC output)
             return int(args.func(args) or 0)
     except DetailFusionError as exc:

@@ -22,6 +22,8 @@ from detailfusion.errors import ConfigError
 T = TypeVar("T")
 
 DEFAULT_PARAMS = Path("params.yaml")
+# The checkout's own params.yaml (the package is installed from the repository, editable).
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 class ParamsLoader(yaml.SafeLoader):
@@ -72,6 +74,12 @@ def load_section(cls: type[T], params: dict[str, Any] | str | Path, key: str, *,
     return from_dict(cls, params[key], where=f"{source}: {key}")
 
 
+def repo_default(cls: type[T], key: str) -> T:
+    """Section ``key`` of the checkout's ``params.yaml``: what library functions use when a caller
+    passes no config (the CLI always passes the ``--params`` file's section)."""
+    return load_section(cls, REPO_PARAMS, key)
+
+
 def from_dict(cls: type[T], data: Any, *, where: str) -> T:
     """Recursively convert a mapping into dataclass ``cls``, validating keys and types."""
     if data is None:
@@ -83,22 +91,26 @@ def from_dict(cls: type[T], data: Any, *, where: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, where=f"{where}.{name}")
     missing = [
         n
         for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if n not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {missing}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, where=f"{where}.{name}")
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:
             validate()
         except ValueError as exc:
+            # "key: problem" from a validate() method reads as "<where>.key: problem"
+            key, sep, problem = str(exc).partition(": ")
+            if sep and key in fields:
+                raise ConfigError(f"{where}.{key}: {problem}") from exc
             raise ConfigError(f"{where}: {exc}") from exc
     return obj
 

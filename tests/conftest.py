@@ -63,6 +63,29 @@ def shrink_params(params: dict, root: Path, relative: bool = False) -> dict:
     return p
 
 
+def merge_params(into: dict, new: dict) -> dict:
+    """Merge ``new`` into ``into`` key by key (nested mappings merge, other values replace)."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge_params(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+def params_file(path: Path, sections: dict | str | None = None) -> Path:
+    """Write the real params.yaml to ``path`` with ``sections`` (a mapping or YAML text) merged in.
+
+    Every command checks the whole file, so a test that changes a few keys starts from the real
+    one. Tracking is off unless ``sections`` sets a ``tracking`` key."""
+    new = (yaml.safe_load(sections) if isinstance(sections, str) else sections) or {}
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    if "tracking" not in new:
+        params["tracking"]["enabled"] = False
+    path.write_text(yaml.safe_dump(merge_params(params, new), sort_keys=False), encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def real_params() -> dict:
     return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())

@@ -41,8 +41,10 @@ ALLOWED: dict[str, set[str]] = {
     "registry": BASE | {"models", "tracking"},
     "retrieval": BASE | {"data", "models", "eval", "registry", "tracking", "retrieval.core"},
     "experiments": BASE | {"tracking"},
+    # all of params.yaml as one typed object: the section classes of every package, read by the cli only
+    "params": BASE | {"data", "eval", "train", "tracking", "registry"},
     "cli": BASE | {"data", "models", "eval", "train", "tracking", "registry", "retrieval", "retrieval.core",
-                   "experiments"},
+                   "experiments", "params"},
     "flows": BASE | {"experiments", "tracking"},
 }
 

@@ -33,6 +33,7 @@ from detailfusion.experiments import (
     set_params,
     summarize,
 )
+from detailfusion.params import repo_section
 
 BIN = Path(sys.executable).parent
 
@@ -279,9 +280,8 @@ def test_suite_parent_and_summary_in_mlflow(tmp_path):
     from mlflow import MlflowClient
 
     from detailfusion.experiments.tracking import log_suite_summary, suite_parent
-    from detailfusion.tracking import TrackingConfig
 
-    cfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", system_metrics=False, retries=0)
+    cfg = repo_section("tracking", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", system_metrics=False, retries=0)
     parent = suite_parent(cfg, "cirr", repo_root=tmp_path)
     assert parent.owned and parent.run_id
     summary = summarize({"abl-full-s0": _eval(10.0), "abl-full-s1": _eval(14.0)})

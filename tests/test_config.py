@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import REPO_ROOT
 
 from detailfusion.config import load_params, load_section
 from detailfusion.errors import ConfigError
@@ -24,8 +25,24 @@ def test_scientific_notation_reads_as_numbers(tmp_path):
     assert isinstance(got["d"], int)
 
 
+def _real_with(tmp_path, **sections):
+    """params.yaml with some sections' keys replaced (nested mappings merge)."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+    def merge(into: dict, new: dict) -> None:
+        for key, value in new.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    merge(params, sections)
+    return _write(tmp_path, yaml.safe_dump(params, sort_keys=False))
+
+
 def test_loop_lr_in_scientific_notation_is_accepted(tmp_path):
-    path = _write(tmp_path, "stage1_detail:\n  loop:\n    lr: 1e-3\n    lr_backbone: 1e-5\n    max_steps: 10\n    warmup_steps: 2\n")
+    path = _write(tmp_path, (REPO_ROOT / "params.yaml").read_text().replace(
+        "    lr_backbone: 0.0      #", "    lr_backbone: 1e-5     #").replace("    lr: 0.001\n", "    lr: 1e-3\n"))
     cfg = load_section(Stage1Config, path, "stage1_detail")
     assert cfg.loop.lr == pytest.approx(1e-3) and cfg.loop.lr_backbone == pytest.approx(1e-5)
 
@@ -33,29 +50,36 @@ def test_loop_lr_in_scientific_notation_is_accepted(tmp_path):
 @pytest.mark.parametrize(
     ("loop", "problem"),
     [
-        ({"lr": -0.001}, "lr must be > 0"),
-        ({"lr": 0}, "lr must be > 0"),
-        ({"lr_backbone": -1e-5}, "lr_backbone must be >= 0"),
-        ({"max_steps": 10, "warmup_steps": 20}, "warmup_steps (20) is longer than the run"),
+        ({"lr": -0.001}, "lr: must be > 0"),
+        ({"lr": 0}, "lr: must be > 0"),
+        ({"lr_backbone": -1e-5}, "lr_backbone: must be >= 0"),
+        ({"max_steps": 10, "warmup_steps": 20}, "warmup_steps: 20 is not shorter than the run"),
+        ({"max_steps": 10, "warmup_steps": 10}, "warmup_steps: 10 is not shorter than the run"),
     ],
 )
 def test_bad_loop_values_fail_at_load_naming_the_key(tmp_path, loop, problem):
-    path = _write(tmp_path, yaml.safe_dump({"stage3_fusion": {"loop": {"max_steps": 50, "warmup_steps": 5, **loop}}}))
+    path = _real_with(tmp_path, stage3_fusion={"loop": {"max_steps": 50, "warmup_steps": 5, **loop}})
     with pytest.raises(ConfigError) as err:
         load_section(Stage3Config, path, "stage3_fusion")
     msg = str(err.value)
-    assert msg.startswith(f"{path}: stage3_fusion.loop: ") and problem in msg
+    assert msg.startswith(f"{path}: stage3_fusion.loop.") and problem in msg
 
 
 def test_frozen_backbone_lr_zero_is_allowed(tmp_path):
-    path = _write(tmp_path, "stage1_detail:\n  loop:\n    lr_backbone: 0\n")
+    path = _real_with(tmp_path, stage1_detail={"loop": {"lr_backbone": 0}})
     assert load_section(Stage1Config, path, "stage1_detail").loop.lr_backbone == 0
 
 
 def test_misspelt_variant_fails_at_load(tmp_path):
-    path = _write(tmp_path, "model:\n  variant: fulll\n")
-    with pytest.raises(ConfigError, match=r"model: variant: 'fulll' is unknown; choose from \["):
+    path = _real_with(tmp_path, model={"variant": "fulll"})
+    with pytest.raises(ConfigError, match=r"model\.variant: 'fulll' is unknown; choose from \["):
         load_section(ModelSection, path, "model")
+
+
+def test_a_section_missing_a_key_fails_naming_it(tmp_path):
+    path = _write(tmp_path, "stage1_detail:\n  loop:\n    lr: 0.001\n")
+    with pytest.raises(ConfigError, match=r"stage1_detail: missing required key\(s\) \['dataset'"):
+        load_section(Stage1Config, path, "stage1_detail")
 
 
 def test_top_level_help_is_plain_text():

@@ -9,10 +9,11 @@ import pytest
 import torch
 from native_fixtures import write_cirr
 
-from detailfusion.data.prepare import PrepareConfig, run_prepare
+from detailfusion.data.prepare import run_prepare
 from detailfusion.data.prepared import load_prepared
 from detailfusion.eval.evaluate import HELDOUT_HEADLINE, EvaluateConfig, run_evaluate
 from detailfusion.models import create_model, save_pretrained
+from detailfusion.params import repo_section
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def _config(root: Path) -> EvaluateConfig:
-    return EvaluateConfig(bootstrap=20, report_samples=2, out_metrics=str(root / "metrics" / "eval.json"),
+    return repo_section("evaluate", bootstrap=20, report_samples=2, out_metrics=str(root / "metrics" / "eval.json"),
                           out_plots=str(root / "plots"), out_reports=str(root / "reports"))
 
 
@@ -58,7 +59,7 @@ def test_no_heldout_part_on_real_format_data(model_dir, tmp_path):
     # real-format files: test1 without targets and no targets sidecar; 60 images per gallery, so the
     # submission files (50 names per query) can be written
     write_cirr(root / "cirr", sets_per_split=10)
-    run_prepare(PrepareConfig(out=tmp_path / "prepared", datasets=["cirr"]), root, tmp_path / "prepared",
+    run_prepare(repo_section("prepare", out=tmp_path / "prepared", datasets=["cirr"]), root, tmp_path / "prepared",
                 progress=False)
     summary = run_evaluate(_config(tmp_path), model_dir, tmp_path / "prepared", "cirr", progress=False)
     assert "heldout" not in summary

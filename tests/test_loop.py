@@ -9,6 +9,7 @@ test_optimizer.py.)
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detailfusion.params import repo_section
 from detailfusion.train.config import LoopConfig
 from detailfusion.train.data import StepSampler, Triplets
 from detailfusion.train.loop import (
@@ -72,7 +74,8 @@ class RegressionTask(nn.Module):
 def _cfg(**kw) -> LoopConfig:
     base = dict(max_steps=4, batch_size=16, lr=1e-2, lr_backbone=1e-3, warmup_steps=1, device="cpu",
                 checkpoint_every=100, log_every=1, amp="off")
-    return LoopConfig(**{**base, **kw})
+    # the other settings (optimiser, schedule, seed) as params.yaml has them
+    return replace(repo_section("stage1_detail").loop, **{**base, **kw})
 
 
 def _params(task: nn.Module) -> dict[str, torch.Tensor]:

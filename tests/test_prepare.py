@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
+from conftest import params_file
 from native_fixtures import (
     FIQ_SHARED_ASIN,
     image_bytes,
@@ -23,13 +23,14 @@ from native_fixtures import (
 from PIL import Image
 
 from detailfusion.cli import main
-from detailfusion.config import load_section
+from detailfusion.config import load_params, load_section
 from detailfusion.data import read_cirr
 from detailfusion.data.images import NOTES_KEY, ImageDecodeError, decode_image, preprocess_bytes, targetpad
 from detailfusion.data.manifest import PREPARED_IMAGE_COLUMNS, QUERY_COLUMNS
 from detailfusion.data.prepare import PrepareConfig, run_prepare
 from detailfusion.data.prepared import load_prepared
 from detailfusion.errors import ConfigError, DataFormatError
+from detailfusion.params import repo_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,7 @@ def _siblings(out: Path) -> list[str]:
 
 def _cfg(**kw) -> PrepareConfig:
     kw.setdefault("image_size", 16)
-    return PrepareConfig(**kw)
+    return repo_section("prepare", **kw)
 
 
 @pytest.fixture
@@ -331,22 +332,20 @@ def test_load_prepared_rejects_missing_or_inconsistent_files(raw, tmp_path):
 def test_prepare_config_from_params():
     cfg = load_section(PrepareConfig, REPO / "params.yaml", "prepare")
     assert cfg.out == Path("data/prepared") and cfg.target_ratio == 1.25 and cfg.workers == 0
-    with pytest.raises(ConfigError, match="unknown"):
-        load_section(PrepareConfig, {"prepare": {"datasets": ["cirr", "coco"]}}, "prepare")
-    with pytest.raises(ConfigError, match="image_size"):
-        load_section(PrepareConfig, {"prepare": {"image_size": 2}}, "prepare")
+    real = load_params(REPO / "params.yaml")
+    with pytest.raises(ConfigError, match=r"prepare\.datasets: unknown \['coco'\]"):
+        load_section(PrepareConfig, {"prepare": {**real["prepare"], "datasets": ["cirr", "coco"]}}, "prepare")
+    with pytest.raises(ConfigError, match=r"prepare\.image_size: must be >= 8"):
+        load_section(PrepareConfig, {"prepare": {**real["prepare"], "image_size": 2}}, "prepare")
+    with pytest.raises(ConfigError, match=r"prepare: missing required key\(s\) \['out'"):
+        load_section(PrepareConfig, {"prepare": {"image_size": 64}}, "prepare")
 
 
 def test_cli_prepare(raw, tmp_path, capsys):
-    params = tmp_path / "params.yaml"
-    params.write_text(
-        yaml.safe_dump(
-            {
-                "data": {"root": str(raw)},
-                "prepare": {"out": str(tmp_path / "p"), "datasets": ["ipr2pr"], "image_size": 16},
-            }
-        )
-    )
+    params = params_file(tmp_path / "params.yaml", {
+        "data": {"root": str(raw)},
+        "prepare": {"out": str(tmp_path / "p"), "datasets": ["ipr2pr"], "image_size": 16},
+    })
     assert main(["--params", str(params), "-q", "data", "prepare"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["datasets"]["ipr2pr"]["images_ok"] == 10

@@ -6,23 +6,36 @@ import json
 
 import pytest
 import torch
+import yaml
+from conftest import REPO_ROOT
 
 from detailfusion.data.synthetic.descriptions import describe_garment, pretraining_pairs
 from detailfusion.data.synthetic.garments import random_garment
 from detailfusion.data.synthetic.rng import Stream
 from detailfusion.data.synthetic.scenes import random_scene
 from detailfusion.errors import ConfigError
-from detailfusion.train.pretrain import CHECKPOINT_FILE, METRICS_FILE, clip_loss, run_pretrain
+from detailfusion.params import params_from_mapping
+from detailfusion.train.pretrain import CHECKPOINT_FILE, METRICS_FILE, clip_loss
+from detailfusion.train.pretrain import run_pretrain as stage_run_pretrain
 
 
 def _params(tmp_path, **pretrain):
+    """The real params.yaml with a tiny pretrain_backbone section writing under ``tmp_path``."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     out = tmp_path / "backbone"
-    section = {"out": str(out), "scenes": 120, "garments": 60, "heldout": 20,
-               "loop": {"max_steps": 3, "batch_size": 16, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1}}
+    section = params["pretrain_backbone"]
+    section.update(out=str(out), scenes=120, garments=60, heldout=20)
+    section["loop"].update(max_steps=3, batch_size=16, warmup_steps=1, checkpoint_every=2, log_every=1)
+    section["loop"].update(pretrain.pop("loop", {}))
     section.update(pretrain)
-    return {"synthesize": {"image_size": 64, "render_scale": 2},
-            "model": {"arch": "tiny", "variant": "full", "pretrained": str(out / CHECKPOINT_FILE)},
-            "pretrain_backbone": section}
+    params["synthesize"].update(image_size=64, render_scale=2)
+    params["model"].update(arch="tiny", variant="full", pretrained=str(out / CHECKPOINT_FILE))
+    return params
+
+
+def run_pretrain(params: dict, metrics_dir, progress: bool = False):
+    """The stage on a params mapping, checked as the CLI checks params.yaml."""
+    return stage_run_pretrain(params_from_mapping(params), metrics_dir, progress=progress)
 
 
 def test_pairs_are_deterministic_and_describe_what_is_drawn():
@@ -61,7 +74,7 @@ def test_stage_writes_an_open_clip_checkpoint_the_model_loads(tmp_path):
     from detailfusion.models import create_model, get_model_config
 
     params = _params(tmp_path)
-    metrics = run_pretrain(params, "params.yaml", tmp_path / "metrics", progress=False)
+    metrics = run_pretrain(params, tmp_path / "metrics", progress=False)
     assert metrics["skipped"] is False and metrics["steps"] == 3 and metrics["train_pairs"] == 140
     assert set(metrics["heldout"]) == {"scenes", "garments"}
     assert 0 <= metrics["heldout"]["scenes"]["image_to_text_top1"] <= 100
@@ -81,7 +94,7 @@ def test_stage_writes_an_open_clip_checkpoint_the_model_loads(tmp_path):
         assert torch.equal(tensor, saved[name]), name
     assert "logit_scale" in saved
 
-    again = run_pretrain(params, "params.yaml", tmp_path / "metrics2", progress=False)
+    again = run_pretrain(params, tmp_path / "metrics2", progress=False)
     from safetensors.torch import load_file as load2
 
     assert all(torch.equal(v, load2(str(ckpt))[k]) for k, v in saved.items())  # same seed, same weights
@@ -91,7 +104,7 @@ def test_stage_writes_an_open_clip_checkpoint_the_model_loads(tmp_path):
 def test_stage_skips_itself_for_other_backbones(tmp_path):
     params = _params(tmp_path)
     params["model"]["pretrained"] = None
-    out = run_pretrain(params, "params.yaml", tmp_path / "metrics", progress=False)
+    out = run_pretrain(params, tmp_path / "metrics", progress=False)
     assert out["skipped"] is True and "not this stage's output" in out["reason"]
     assert not (tmp_path / "backbone" / CHECKPOINT_FILE).exists()
     assert json.loads((tmp_path / "backbone" / "summary.json").read_text())["skipped"] is True
@@ -100,12 +113,12 @@ def test_stage_skips_itself_for_other_backbones(tmp_path):
 @pytest.mark.parametrize(("change", "message"), [
     ({"heldout": 200}, r"scenes \(120\) must exceed heldout"),
     ({"scenes": 0, "garments": 0}, "scenes \\+ garments must be > 0"),
-    ({"loop": {"max_steps": 3, "lr": -1.0}}, "lr must be > 0"),
+    ({"loop": {"max_steps": 3, "lr": -1.0}}, r"pretrain_backbone\.loop\.lr: must be > 0"),
 ])
 def test_bad_params_fail_before_any_work(tmp_path, change, message):
     params = _params(tmp_path, **change)
     with pytest.raises(ConfigError, match=message):
-        run_pretrain(params, "params.yaml", tmp_path / "metrics", progress=False)
+        run_pretrain(params, tmp_path / "metrics", progress=False)
     assert not (tmp_path / "backbone").exists()
 
 
@@ -113,4 +126,4 @@ def test_arch_models_must_name_their_pretrained_weights(tmp_path):
     params = _params(tmp_path)
     params["model"]["arch"] = "vit-b-32"  # an open_clip architecture name: real weights come from a tag
     with pytest.raises(ConfigError, match="pretrain_backbone trains inline open_clip configs only"):
-        run_pretrain(params, "params.yaml", tmp_path / "metrics", progress=False)
+        run_pretrain(params, tmp_path / "metrics", progress=False)

@@ -18,19 +18,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import params_file
 from PIL import Image, ImageDraw
 
 from detailfusion.data.images import preprocess_bytes
+from detailfusion.params import repo_section
 from detailfusion.registry import ALIAS_CHALLENGER, ALIAS_CHAMPION, promote, register, registry_client
 from detailfusion.registry.cli import main as registry_main
-from detailfusion.tracking import TrackingConfig, stage_run
+from detailfusion.tracking import stage_run
 from detailfusion.tracking.pyfunc import log_fused_model
 
 pytest_plugins = ["services"]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 IMAGE_SIZE, TARGET_RATIO = 64, 1.25
-NO_SYSTEM_METRICS = TrackingConfig(system_metrics=False)
+NO_SYSTEM_METRICS = repo_section("tracking", system_metrics=False)
 
 LOAD_SCRIPT = textwrap.dedent(
     """
@@ -188,7 +190,7 @@ def test_pyfunc_rejects_bad_rows_naming_them(tiny_model, mlflow_sqlite_server, t
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_sqlite_server.url)
     monkeypatch.chdir(tmp_path)
     with stage_run("register", {}, f"bad{uuid.uuid4().hex[:6]}", config=NO_SYSTEM_METRICS) as run:
-        info = log_fused_model(tiny_model, run=run, image_size=IMAGE_SIZE)
+        info = log_fused_model(tiny_model, run=run, image_size=IMAGE_SIZE, target_ratio=TARGET_RATIO)
     model = mlflow.pyfunc.load_model(info.model_uri)
     good = _image((10, 200, 10), (64, 64))
     cases = [
@@ -224,12 +226,11 @@ def test_register_stage_end_to_end_on_postgres_and_s3(tiny_model, mlflow_postgre
     dataset = f"e2e{uuid.uuid4().hex[:6]}"
     name = f"detailfusion-{dataset}"
     model_dir = save_pretrained(tiny_model, tmp_path / "models" / "stage3")
-    params = tmp_path / "params.yaml"
-    params.write_text(
+    params = params_file(tmp_path / "params.yaml",
         "prepare:\n  image_size: 64\n  target_ratio: 1.25\n"
         "tracking:\n  system_metrics: false\n"
         "registry:\n  metric: Rsub@1\n  min_margin: 0.5\n"
-    )
+    )  # fmt: skip
     metrics = []
     for i, rsub in enumerate((70.0, 65.0)):
         path = tmp_path / "metrics" / f"eval{i}.json"

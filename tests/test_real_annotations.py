@@ -14,8 +14,9 @@ import pytest
 
 from detailfusion.cli import main
 from detailfusion.data import read_cirr, read_fashioniq
-from detailfusion.data.prepare import PrepareConfig, run_prepare
+from detailfusion.data.prepare import run_prepare
 from detailfusion.data.stats import dataset_stats
+from detailfusion.params import repo_section
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real-annotations"
 
@@ -122,7 +123,7 @@ def test_fiq_stats_cli(capsys):
 
 def test_prepare_annotation_only(tmp_path):
     summary = run_prepare(
-        PrepareConfig(datasets=["cirr"], image_size=16), REAL, tmp_path / "out", progress=False
+        repo_section("prepare", datasets=["cirr"], image_size=16), REAL, tmp_path / "out", progress=False
     )
     s = summary["datasets"]["cirr"]
     assert s["queries"] == 4181 and s["images_found"] == 0 and s["quarantined"]["missing"] == 2297 + 16939

@@ -13,7 +13,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import params_file
 
+from detailfusion.params import repo_section
 from detailfusion.registry import (
     ALIAS_CHALLENGER,
     ALIAS_CHAMPION,
@@ -101,7 +103,7 @@ def test_register_refuses_a_run_without_a_model(client, dataset):
 
 
 def test_gate_first_champion_refusals_and_promotion(client, dataset):
-    cfg = RegistryConfig(min_margin=1.0)
+    cfg = repo_section("registry", min_margin=1.0)
     name = cfg.name_for(dataset)
 
     v1 = _version(client, dataset, 50.0)
@@ -141,7 +143,7 @@ def test_gate_first_champion_refusals_and_promotion(client, dataset):
 
 
 def test_lower_is_better_metric(client, dataset):
-    cfg = RegistryConfig(metric="loss", greater_is_better=False)
+    cfg = repo_section("registry", metric="loss", greater_is_better=False)
     name = cfg.name_for(dataset)
     _version(client, dataset, 1.0, cfg, loss=0.5)
     promote(name, config=cfg, client=client)
@@ -210,8 +212,7 @@ def test_list_versions_and_table(client, dataset):
 
 
 def test_cli_promote_list_rollback(client, dataset, tmp_path, capsys):
-    params = tmp_path / "params.yaml"
-    params.write_text("registry:\n  metric: Avg\n  min_margin: 0.5\n")
+    params = params_file(tmp_path / "params.yaml", "registry:\n  metric: Avg\n  min_margin: 0.5\n")
     name = f"detailfusion-{dataset}"
     _version(client, dataset, 50.0)
     assert registry_main(["promote", "--params", str(params), "--dataset", dataset]) == 0
@@ -231,7 +232,7 @@ def test_cli_promote_list_rollback(client, dataset, tmp_path, capsys):
     assert registry_main(["list", "--params", str(missing), "--name", name]) == 2
     assert f"{missing}: params file not found" in capsys.readouterr().err
 
-    params.write_text("registry:\n  metrc: Avg\n")
+    params_file(params, "registry:\n  metrc: Avg\n")
     assert registry_main(["list", "--params", str(params), "--name", name]) == 2
     assert "registry: unknown key(s) ['metrc']" in capsys.readouterr().err
 
@@ -241,14 +242,14 @@ def test_stale_lock_is_broken_and_a_live_one_waited_for(client, dataset):
     _version(client, dataset, 50.0)
     stale = {TAG_OWNER: "dead", TAG_ACQUIRED_AT: f"{time.time() - 3600:.3f}", TAG_HOLDER: "gone:1"}
     client.create_registered_model(lock_name(name), tags=stale)
-    assert promote(name, config=RegistryConfig(lock_timeout_s=60), client=client).promoted
+    assert promote(name, config=repo_section("registry", lock_timeout_s=60), client=client).promoted
     assert not client.search_registered_models(f"name = '{lock_name(name)}'")
 
     _version(client, dataset, 60.0)
     live = {TAG_OWNER: "alive", TAG_ACQUIRED_AT: f"{time.time():.3f}", TAG_HOLDER: "busy-host:42"}
     client.create_registered_model(lock_name(name), tags=live)
     with pytest.raises(RegistryError, match="busy-host:42"):
-        promote(name, config=RegistryConfig(lock_wait_s=0.5), client=client)
+        promote(name, config=repo_section("registry", lock_wait_s=0.5), client=client)
     assert client.get_registered_model(lock_name(name)).tags[TAG_OWNER] == "alive"  # not ours to delete
     client.delete_registered_model(lock_name(name))
 
@@ -332,7 +333,7 @@ def test_concurrent_promotions_processes(client, dataset, mlflow_sqlite_server):
 
 
 def test_margin_is_strict_and_the_reason_says_so(client, dataset):
-    cfg = RegistryConfig(min_margin=1.0)
+    cfg = repo_section("registry", min_margin=1.0)
     name = cfg.name_for(dataset)
     _version(client, dataset, 50.0)
     promote(name, config=cfg, client=client)
@@ -376,8 +377,7 @@ def free_tcp_port() -> int:
 def test_cli_says_one_line_when_the_tracking_server_is_down(tmp_path, capsys, monkeypatch):
     port = free_tcp_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    params = tmp_path / "params.yaml"
-    params.write_text("registry:\n  retries: 1\n  backoff_s: 0.1\n  timeout_s: 2\n")
+    params = params_file(tmp_path / "params.yaml", "registry:\n  retries: 1\n  backoff_s: 0.1\n  timeout_s: 2\n")
     for command in (["list"], ["promote"], ["rollback"]):
         assert registry_main([*command, "--params", str(params), "--name", "detailfusion-x"]) == 2
         err = capsys.readouterr().err.strip()

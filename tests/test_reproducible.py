@@ -21,10 +21,11 @@ import torch
 from test_validate import BUILDERS, prepared_images, write_prepared
 
 from detailfusion import timings
-from detailfusion.data.validate import ValidateConfig, run_validate
+from detailfusion.data.validate import run_validate
 from detailfusion.errors import ValidationFailed
 from detailfusion.models import create_model, get_model_config
 from detailfusion.models.io import load_pretrained, read_state_dict, save_pretrained, write_safetensors
+from detailfusion.params import repo_section
 
 
 def _tree(folder: Path) -> dict[str, str]:
@@ -75,7 +76,7 @@ def prepared(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("passing", [True, False], ids=["passing", "failing"])
 def test_validation_report_folder_is_byte_identical(tmp_path: Path, prepared: Path, passing: bool,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = ValidateConfig() if passing else ValidateConfig(max_caption_words=1)  # every caption too long
+    cfg = repo_section("validate") if passing else repo_section("validate", max_caption_words=1)  # every caption too long
     trees = []
     for run_dir in (tmp_path / "one", tmp_path / "second" / "run"):  # two checkouts, as DVC runs it
         run_dir.mkdir(parents=True)

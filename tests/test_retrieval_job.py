@@ -15,11 +15,11 @@ import torch
 
 from detailfusion.cli import main as cli_main
 from detailfusion.errors import DetailFusionError
+from detailfusion.params import repo_section
 from detailfusion.retrieval import shards
 from detailfusion.retrieval.job import RetrieveConfig, run_retrieval
-from detailfusion.tracking.config import TrackingConfig
 
-NO_TRACKING = TrackingConfig(enabled=False)
+NO_TRACKING = repo_section("tracking", enabled=False)
 RESULT_FILES = ("results.parquet", "errors.parquet", "summary.json")
 
 
@@ -232,7 +232,7 @@ def test_tracking_store_down_loses_no_result(world, model_dir, tmp_path):
     queries = tmp_path / "q.jsonl"
     queries.write_text("".join(json.dumps({"reference": p.stem, "caption": "make it blue"}) + "\n"
                                for p in sorted(folder.glob("*.png"))[:2]))
-    tracking = TrackingConfig(tracking_uri=f"http://127.0.0.1:{free_port()}", retries=0, backoff_s=0.0,
+    tracking = repo_section("tracking", tracking_uri=f"http://127.0.0.1:{free_port()}", retries=0, backoff_s=0.0,
                               timeout_s=2.0, system_metrics=False,
                               offline_record=str(tmp_path / "tracking_offline.json"))
     out = tmp_path / "out"
@@ -251,6 +251,7 @@ KILL_AFTER_SHARDS = r'''
 import os, signal, sys
 from detailfusion.cli import main
 from detailfusion.retrieval import shards
+from detailfusion.params import repo_section
 
 real, done = shards._write_shard, []
 

@@ -10,12 +10,12 @@ import psutil
 import pytest
 import torch
 
+from detailfusion.params import repo_section
 from detailfusion.retrieval.job import RetrieveConfig, run_retrieval
-from detailfusion.tracking.config import TrackingConfig
 
 ray = pytest.importorskip("ray")
 
-NO_TRACKING = TrackingConfig(enabled=False)
+NO_TRACKING = repo_section("tracking", enabled=False)
 
 
 def _raylets() -> list[psutil.Process]:

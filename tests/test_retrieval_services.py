@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from detailfusion.errors import DetailFusionError
+from detailfusion.params import repo_section
 from detailfusion.retrieval.job import RetrieveConfig, run_retrieval
-from detailfusion.tracking.config import TrackingConfig
 
 pytest_plugins = ["services"]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -69,7 +69,7 @@ def test_s3_gallery_queries_and_results(tiny_world, tiny_model, tmp_path, monkey
         common = dict(model=str(model_dir), shard_size=5, report_samples=2, top_k=5)
         remote = run_retrieval(RetrieveConfig(gallery="s3://retrieval/gallery", queries="s3://retrieval/queries.jsonl",
                                               out="s3://retrieval/runs/1", work_dir=str(tmp_path / "work"), **common),
-                               tracking=TrackingConfig(enabled=False), progress=False)
+                               tracking=repo_section("tracking", enabled=False), progress=False)
         keys = {o["Key"] for o in s3.list_objects_v2(Bucket="retrieval", Prefix="runs/1/")["Contents"]}
         for rel in ("results.parquet", "errors.parquet", "summary.json", "report/index.html",
                     "gallery/embeddings/img_emb_00000.npy", "gallery/metadata/metadata_00002.parquet"):
@@ -85,14 +85,14 @@ def test_s3_gallery_queries_and_results(tiny_world, tiny_model, tmp_path, monkey
         # the same job on local copies ranks identically
         run_retrieval(RetrieveConfig(gallery=str(local), queries=str(tmp_path / "queries.jsonl"),
                                      out=str(tmp_path / "local-out"), **common),
-                      tracking=TrackingConfig(enabled=False), progress=False)
+                      tracking=repo_section("tracking", enabled=False), progress=False)
         pd.testing.assert_frame_equal(got, pd.read_parquet(tmp_path / "local-out" / "results.parquet"))
 
         # a failing job (a query file that is not there) leaves nothing under its output prefix
         with pytest.raises(DetailFusionError, match=r"s3://retrieval/nope\.jsonl: not found"):
             run_retrieval(RetrieveConfig(gallery="s3://retrieval/gallery", queries="s3://retrieval/nope.jsonl",
                                          out="s3://retrieval/runs/2", work_dir=str(tmp_path / "work"), **common),
-                          tracking=TrackingConfig(enabled=False), progress=False)
+                          tracking=repo_section("tracking", enabled=False), progress=False)
         assert s3.list_objects_v2(Bucket="retrieval", Prefix="runs/2/")["KeyCount"] == 0
 
 
@@ -106,11 +106,11 @@ def test_champion_from_the_registry_and_the_run_in_mlflow(tiny_world, tiny_model
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
-    tracking = TrackingConfig(system_metrics=False, artifact_location=str(tmp_path / "artifacts"),
+    tracking = repo_section("tracking", system_metrics=False, artifact_location=str(tmp_path / "artifacts"),
                               offline_record=str(tmp_path / "offline.json"))
     dataset = f"ret{uuid.uuid4().hex[:6]}"
     with stage_run("register", {}, dataset, variant="full", config=tracking) as run:
-        info = log_fused_model(tiny_model, run=run, image_size=64)
+        info = log_fused_model(tiny_model, run=run, image_size=64, target_ratio=1.25)
     client = registry_client(tracking)
     version = register(info.model_uri, dataset, {"Avg": 1.0}, run.lineage, client=client)
     assert promote(version.name, client=client).promoted

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import params_file
 
 from detailfusion.cli import main
 
@@ -40,8 +41,7 @@ def down(monkeypatch: pytest.MonkeyPatch) -> str:
 
 def test_tracking_replay_names_the_server_and_keeps_the_record(down, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"tracking": LOW_RETRIES}))
+    params = params_file(tmp_path / "params.yaml", {"tracking": LOW_RETRIES})
     record = tmp_path / "metrics" / "tracking_offline.json"
     record.parent.mkdir()
     entry = {"stage": "prepare", "tracking_uri": down, "experiment": "detailfusion-cirr", "run_id": None,
@@ -58,8 +58,7 @@ def test_tracking_replay_names_the_server_and_keeps_the_record(down, tmp_path, m
 
 def test_retrieve_of_the_champion_names_the_server(down, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"tracking": LOW_RETRIES, "registry": LOW_RETRIES}))
+    params = params_file(tmp_path / "params.yaml", {"tracking": LOW_RETRIES, "registry": LOW_RETRIES})
     (tmp_path / "gallery").mkdir()
     (tmp_path / "q.jsonl").write_text(json.dumps({"reference": "a", "caption": "make it red"}) + "\n")
     args = ["--params", str(params), "-q", "retrieve", "--gallery", "gallery", "--queries", "q.jsonl", "--out", "out"]

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import params_file
 from PIL import Image
 
 from detailfusion.config import load_section, to_dict
@@ -434,7 +435,8 @@ def test_invalid_config_fails_before_anything_is_written(tmp_path, path, value):
 
 def _small() -> SynthConfig:
     cfg = tiny_config()
-    cfg.cirr = CirrSynthConfig(train_queries=8, val_queries=8, test1_queries=4, queries_per_set=4, two_edit_fraction=0.3)
+    cfg.cirr = CirrSynthConfig(train_queries=8, val_queries=8, test1_queries=4, queries_per_set=4, two_edit_fraction=0.3,
+                               shared_fraction=0.24)
     cfg.fashioniq = FiqSynthConfig(train_per_category=2, val_per_category=2, test_per_category=2, shared_fraction=0.1)
     cfg.ipr2pr = Ipr2prSynthConfig(originals=2, edits_per_original=2, shards=1)
     return cfg
@@ -480,8 +482,7 @@ def test_cli_synth_writes_the_benchmark(tmp_path, capsys):
     from detailfusion.cli import main
 
     params = {"data": {"root": str(tmp_path / "data" / "synthetic")}, "synthesize": to_dict(_small())}
-    p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump(params))
+    p = params_file(tmp_path / "params.yaml", params)
     assert main(["--params", str(p), "-q", "data", "synth", "--seed", "5"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["seed"] == 5 and summary["counts"]["cirr"]["train"]["queries"] == 8
@@ -489,6 +490,6 @@ def test_cli_synth_writes_the_benchmark(tmp_path, capsys):
 
     bad = copy.deepcopy(params)
     bad["synthesize"]["cirr"]["queries_per_set"] = 16
-    p.write_text(yaml.safe_dump(bad))
+    params_file(p, bad)
     assert main(["--params", str(p), "-q", "data", "synth"]) == 2
     assert "queries_per_set" in capsys.readouterr().err

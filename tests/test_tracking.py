@@ -20,6 +20,7 @@ import pytest
 
 from detailfusion.config import load_section
 from detailfusion.errors import ConfigError, DataFormatError
+from detailfusion.params import repo_section
 from detailfusion.tracking import (
     PIPELINE_RUN_ENV,
     TrackingConfig,
@@ -88,13 +89,13 @@ def test_repo_root_and_tracking_uri_resolution(tmp_path, monkeypatch):
     assert find_repo_root(exp_copy) == root.resolve()
     assert find_repo_root(root / ".dvc") == root.resolve()
     monkeypatch.chdir(exp_copy)
-    assert resolve_tracking_uri(TrackingConfig()) == f"sqlite:///{root.resolve()}/mlflow.db"
-    assert resolve_tracking_uri(TrackingConfig(tracking_uri="sqlite:////abs/x.db")) == "sqlite:////abs/x.db"
-    assert resolve_tracking_uri(TrackingConfig(tracking_uri="http://mlflow:5000")) == "http://mlflow:5000"
+    assert resolve_tracking_uri(repo_section("tracking")) == f"sqlite:///{root.resolve()}/mlflow.db"
+    assert resolve_tracking_uri(repo_section("tracking", tracking_uri="sqlite:////abs/x.db")) == "sqlite:////abs/x.db"
+    assert resolve_tracking_uri(repo_section("tracking", tracking_uri="http://mlflow:5000")) == "http://mlflow:5000"
     monkeypatch.setenv("DVC_ROOT", str(root))
     assert find_repo_root(tmp_path) == root.resolve()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere:5000")
-    assert resolve_tracking_uri(TrackingConfig()) == "http://elsewhere:5000"
+    assert resolve_tracking_uri(repo_section("tracking")) == "http://elsewhere:5000"
 
 
 def test_tracking_config_is_strict(tmp_path):
@@ -194,7 +195,7 @@ def test_mlflow_retries_a_failing_server_then_the_session_goes_offline(project, 
 
     from detailfusion.tracking import TrackingOffline, TrackingSession
 
-    cfg = TrackingConfig(retries=2, backoff_s=0, timeout_s=5)
+    cfg = repo_section("tracking", retries=2, backoff_s=0, timeout_s=5)
     with _FailingServer(503, {"error_code": "TEMPORARILY_UNAVAILABLE", "message": "down"}) as server:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
         session = TrackingSession(cfg)
@@ -233,7 +234,7 @@ def test_a_corrupt_offline_record_is_moved_aside_not_dropped(project, caplog):
 
 
 def test_disabled_tracking_is_a_silent_no_op(project, recwarn):
-    cfg = TrackingConfig(enabled=False)
+    cfg = repo_section("tracking", enabled=False)
     with stage_run("train", {"train": {"lr": 1}}, "cirr", config=cfg) as run:
         run.log_metrics({"loss": 1.0}, step=0)
         run.log_params({"x": 1})
@@ -258,7 +259,7 @@ def test_stage_runs_params_lineage_inputs_metrics_artifacts(project, mlflow_sqli
     (project / "train.py").write_text("print('edited')\n")  # a dirty work tree
     commit = _git(project, "rev-parse", "HEAD")
     dataset = f"trk{uuid.uuid4().hex[:8]}"
-    cfg = TrackingConfig(system_metrics=True, system_metrics_interval_s=0.3, metrics_batch=4)
+    cfg = repo_section("tracking", system_metrics=True, system_metrics_interval_s=0.3, metrics_batch=4)
     metrics_file = project / "metrics" / "eval.json"
     metrics_file.parent.mkdir()
     metrics_file.write_text(json.dumps({"R@1": 41.5, "Avg": 55.0, "per_type": {"colour": {"R@1": 60.0}}, "n": "x"}))
@@ -276,11 +277,11 @@ def test_stage_runs_params_lineage_inputs_metrics_artifacts(project, mlflow_sqli
         logged = first.log_metrics_file(metrics_file)
         first.log_artifacts(plot.parent, artifact_path="plots")
     with stage_run("evaluate", {"evaluate": {"k": [1, 5]}}, dataset, variant="gm_only",
-                   config=TrackingConfig(system_metrics=False)) as second:  # fmt: skip
+                   config=repo_section("tracking", system_metrics=False)) as second:  # fmt: skip
         second.log_metric("Avg", 55.0)
         second.log_parent_artifact(metrics_file, artifact_path="ablation")
     with pytest.raises(RuntimeError, match="boom"):
-        with stage_run("stage3_fusion", {}, dataset, config=TrackingConfig(system_metrics=False)) as failing:
+        with stage_run("stage3_fusion", {}, dataset, config=repo_section("tracking", system_metrics=False)) as failing:
             raise RuntimeError("boom")
 
     client = MlflowClient(mlflow_sqlite_server.url)
@@ -341,7 +342,7 @@ def test_external_parent_run_from_env(project, mlflow_sqlite_server, monkeypatch
     runs = []
     for variant in ("full", "gm_only"):
         with stage_run("stage3_fusion", {"v": variant}, dataset, variant=variant,
-                       config=TrackingConfig(system_metrics=False)) as run:  # fmt: skip
+                       config=repo_section("tracking", system_metrics=False)) as run:  # fmt: skip
             run.log_metrics({"Avg": 1.0})
         runs.append(run.run_id)
     children = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{suite.info.run_id}'")
@@ -357,7 +358,7 @@ STAGE_SCRIPT = textwrap.dedent(
 
     name = sys.argv[1]
     params = yaml.safe_load(open("params.yaml"))
-    with stage_run(name, params, "dvcflow", variant="full", config=TrackingConfig(system_metrics=False)) as run:
+    with stage_run(name, params, "dvcflow", variant="full", config=repo_section("tracking", system_metrics=False)) as run:
         run.log_metrics({"loss": params["lr"] * 10}, step=0)
     open(f"{name}.txt", "w").write(str(run.run_id))
     """
@@ -465,7 +466,7 @@ def test_server_stopped_mid_stage_training_completes_and_nothing_is_lost(project
     dataset = f"down{uuid.uuid4().hex[:6]}"
     record = project / "metrics" / "tracking_offline.json"
     # System metrics on: their sampling thread must not hold up the stage once the server is gone.
-    cfg = TrackingConfig(retries=2, backoff_s=0.05, timeout_s=5, metrics_batch=5, system_metrics_interval_s=0.2,
+    cfg = repo_section("tracking", retries=2, backoff_s=0.05, timeout_s=5, metrics_batch=5, system_metrics_interval_s=0.2,
                          offline_record=str(record))  # fmt: skip
     (project / "metrics").mkdir()
     final = project / "metrics" / "train.json"
@@ -525,7 +526,7 @@ def test_server_down_from_the_start(project, monkeypatch, mlflow_sqlite_server):
     from services import free_port
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    cfg = TrackingConfig(retries=1, backoff_s=0.01, timeout_s=2, system_metrics=False)
+    cfg = repo_section("tracking", retries=1, backoff_s=0.01, timeout_s=2, system_metrics=False)
     with pytest.warns(TrackingOfflineWarning, match="the run itself") as caught:
         with stage_run("prepare", {"prepare": {"image_size": 64}}, "cirr", variant="full", config=cfg) as run:
             run.log_metrics({"images": 10.0}, step=0)
@@ -549,7 +550,7 @@ def test_server_down_from_the_start(project, monkeypatch, mlflow_sqlite_server):
 
 
 def test_metrics_file_errors_name_the_file(project):
-    cfg = TrackingConfig(enabled=False)
+    cfg = repo_section("tracking", enabled=False)
     bad = project / "bad.json"
     bad.write_text("{not json")
     with stage_run("evaluate", {}, "cirr", config=cfg) as run:
@@ -578,7 +579,7 @@ def test_experiment_opens_as_machine_learning_and_the_parent_carries_headline_an
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_sqlite_server.url)
     dataset = f"ui{uuid.uuid4().hex[:8]}"
-    with stage_run("evaluate", {"evaluate": {"split": "val"}}, dataset, config=TrackingConfig(system_metrics=False),
+    with stage_run("evaluate", {"evaluate": {"split": "val"}}, dataset, config=repo_section("tracking", system_metrics=False),
                    primary_metric=("Rsub@1", True)) as run:  # fmt: skip
         run.log_parent_metrics({"R@1": 20.5, "Avg": 48.0})
         run.log_dataset(_manifest(), name="synthetic-cirr", source="data/prepared/cirr/queries.parquet",

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
+from detailfusion.params import load_config
 from detailfusion.train.data import StepSampler, fiq_training_caption, patch_mask
 from detailfusion.train.stages import RUNNERS, StageContext
 
@@ -48,7 +49,7 @@ def test_fiq_training_caption_four_ways():
 
 
 def _run_all_stages(world: dict, models: Path, metrics: Path) -> dict:
-    ctx = StageContext(world["params_path"], models_dir=models, metrics_dir=metrics,
+    ctx = StageContext(load_config(world["params_path"]), models_dir=models, metrics_dir=metrics,
                        prepared_dir=world["params"]["prepare"]["out"])
     return {name: run(ctx, progress=False) for name, run in RUNNERS.items()}
 
@@ -105,7 +106,7 @@ def test_resume_after_kill_matches_uninterrupted_run(world_copy):
     p = world_copy["params"]
     p["stage2_branches"]["loop"].update(max_steps=24, checkpoint_every=3)
     world_copy["params_path"].write_text(yaml.safe_dump(p))
-    ctx = StageContext(world_copy["params_path"], models_dir=root / "models", metrics_dir=root / "metrics",
+    ctx = StageContext(load_config(world_copy["params_path"]), models_dir=root / "models", metrics_dir=root / "metrics",
                        prepared_dir=p["prepare"]["out"])
     RUNNERS["stage1_detail"](ctx, progress=False)
     import shutil
@@ -166,7 +167,7 @@ def test_fashioniq_target_dataset_trains_and_evaluates_per_category(world_copy):
 def test_ddp_under_torchrun_two_cpu_processes(world_copy):
     """DDP (gloo) under torchrun: both ranks train on their shard of each batch, rank 0 writes."""
     root = world_copy["root"]
-    ctx = StageContext(world_copy["params_path"], models_dir=root / "models", metrics_dir=root / "metrics",
+    ctx = StageContext(load_config(world_copy["params_path"]), models_dir=root / "models", metrics_dir=root / "metrics",
                        prepared_dir=world_copy["params"]["prepare"]["out"])
     RUNNERS["stage1_detail"](ctx, progress=False)
     torchrun = Path(sys.executable).parent / "torchrun"

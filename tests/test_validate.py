@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
+from conftest import params_file
 
 from detailfusion.cli import main
 from detailfusion.config import load_section
@@ -23,6 +23,7 @@ from detailfusion.data.manifest import make_images, make_queries
 from detailfusion.data.validate import ValidateConfig, run_validate
 from detailfusion.data.validation.gx_runner import gx_version
 from detailfusion.errors import ConfigError, DataFormatError, ValidationFailed
+from detailfusion.params import repo_section
 
 # --------------------------------------------------------------------------- fixtures: tiny prepared data
 
@@ -197,7 +198,7 @@ def _copy(frames: dict, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def _run_failing(tmp_path: Path) -> tuple[str, dict]:
     with pytest.raises(ValidationFailed) as info:
-        run_validate(ValidateConfig(), tmp_path / "prepared", tmp_path / "reports")
+        run_validate(repo_section("validate"), tmp_path / "prepared", tmp_path / "reports")
     report = json.loads((tmp_path / "reports" / "report.json").read_text(encoding="utf-8"))
     return str(info.value), report
 
@@ -207,15 +208,12 @@ def _run_failing(tmp_path: Path) -> tuple[str, dict]:
 
 def test_config_rejects_nonsense(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_quarantined_fraction"):
-        ValidateConfig(max_quarantined_fraction=1.5).validate()
+        repo_section("validate", max_quarantined_fraction=1.5).validate()
     with pytest.raises(ValueError, match="max_image_side"):
-        ValidateConfig(min_image_side=100, max_image_side=10).validate()
+        repo_section("validate", min_image_side=100, max_image_side=10).validate()
     with pytest.raises(ValueError, match="max_caption_words"):
-        ValidateConfig(max_caption_words=0).validate()
-    params = tmp_path / "params.yaml"
-    params.write_text(
-        yaml.safe_dump({"validate": {"prepared": "p", "max_image_side": "big"}}), encoding="utf-8"
-    )
+        repo_section("validate", max_caption_words=0).validate()
+    params = params_file(tmp_path / "params.yaml", {"validate": {"prepared": "p", "max_image_side": "big"}})
     with pytest.raises(ConfigError, match="max_image_side"):
         load_section(ValidateConfig, params, "validate")
 
@@ -239,7 +237,7 @@ def test_valid_manifests_pass_and_write_report_and_data_docs(tmp_path: Path, fra
     assert "" in set(fiq_q["captions"].explode())
     assert fiq_i["path"].duplicated().any() and fiq_i["pixel_index"].duplicated().any()
 
-    out = run_validate(ValidateConfig(), prepared, reports)
+    out = run_validate(repo_section("validate"), prepared, reports)
 
     assert out["success"] is True
     assert "passed" in out["summary_text"]
@@ -270,7 +268,7 @@ def test_ipr2pr_without_prompt_columns_is_noted_not_failed(tmp_path: Path, frame
     q["reference_caption"] = None
     q["target_caption"] = None
     write_prepared(tmp_path / "prepared", "ipr2pr", q, i)
-    out = run_validate(ValidateConfig(), tmp_path / "prepared", tmp_path / "reports")
+    out = run_validate(repo_section("validate"), tmp_path / "prepared", tmp_path / "reports")
     assert out["success"] is True
     assert any("reference_caption" in n for n in out["report"]["datasets"]["ipr2pr"]["notes"])
 
@@ -463,7 +461,7 @@ def test_quarantine_budget_allows_quarantined_images(tmp_path: Path, frames: dic
     write_prepared(tmp_path / "prepared", "cirr", q, i, quarantine)
     # One image in 36 is within a 5% quarantine budget.
     out = run_validate(
-        ValidateConfig(max_quarantined_fraction=0.05), tmp_path / "prepared", tmp_path / "reports"
+        repo_section("validate", max_quarantined_fraction=0.05), tmp_path / "prepared", tmp_path / "reports"
     )
     assert out["success"] is True
     checks = {e["check"]: e for e in out["report"]["datasets"]["cirr"]["tables"]["images"]["expectations"]}
@@ -494,7 +492,7 @@ def test_real_annotations_validate_clean(tmp_path: Path) -> None:
     write_prepared(tmp_path / "prepared", "cirr", cirr.queries, prepared_images(cirr.images))
     write_prepared(tmp_path / "prepared", "fashioniq", fiq.queries, prepared_images(fiq.images))
 
-    out = run_validate(ValidateConfig(), tmp_path / "prepared", tmp_path / "reports")
+    out = run_validate(repo_section("validate"), tmp_path / "prepared", tmp_path / "reports")
 
     assert out["success"] is True, out["summary_text"]
     fiq_queries = out["report"]["datasets"]["fashioniq"]["tables"]["queries"]
@@ -509,7 +507,7 @@ def test_real_annotations_validate_clean(tmp_path: Path) -> None:
 def test_failed_run_replaces_previous_report_whole(tmp_path: Path, frames: dict) -> None:
     prepared, reports = tmp_path / "prepared", tmp_path / "reports"
     write_prepared(prepared, "cirr", *frames["cirr"])
-    run_validate(ValidateConfig(), prepared, reports)
+    run_validate(repo_section("validate"), prepared, reports)
     assert json.loads((reports / "report.json").read_text(encoding="utf-8"))["success"] is True
 
     q, i = _copy(frames, "cirr")
@@ -525,53 +523,46 @@ def test_failed_run_replaces_previous_report_whole(tmp_path: Path, frames: dict)
 def test_format_error_leaves_previous_report_untouched(tmp_path: Path, frames: dict) -> None:
     prepared, reports = tmp_path / "prepared", tmp_path / "reports"
     write_prepared(prepared, "ipr2pr", *frames["ipr2pr"])
-    run_validate(ValidateConfig(), prepared, reports)
+    run_validate(repo_section("validate"), prepared, reports)
     before = (reports / "report.json").read_bytes()
 
     (prepared / "ipr2pr" / "images.parquet").unlink()
     with pytest.raises(DataFormatError, match=r"ipr2pr/images\.parquet"):
-        run_validate(ValidateConfig(), prepared, reports)
+        run_validate(repo_section("validate"), prepared, reports)
     (prepared / "ipr2pr" / "quarantine.json").write_text("{not json", encoding="utf-8")
     frames["ipr2pr"][1].to_parquet(prepared / "ipr2pr" / "images.parquet", index=False)
     with pytest.raises(DataFormatError, match=r"quarantine\.json.*not valid JSON"):
-        run_validate(ValidateConfig(), prepared, reports)
+        run_validate(repo_section("validate"), prepared, reports)
 
     assert (reports / "report.json").read_bytes() == before
 
 
 def test_missing_columns_and_missing_folders_are_format_errors(tmp_path: Path, frames: dict) -> None:
     with pytest.raises(DataFormatError, match="prepared folder not found"):
-        run_validate(ValidateConfig(), tmp_path / "nowhere", tmp_path / "reports")
+        run_validate(repo_section("validate"), tmp_path / "nowhere", tmp_path / "reports")
     (tmp_path / "prepared" / "other").mkdir(parents=True)
     with pytest.raises(DataFormatError, match="no prepared data set folder"):
-        run_validate(ValidateConfig(), tmp_path / "prepared", tmp_path / "reports")
+        run_validate(repo_section("validate"), tmp_path / "prepared", tmp_path / "reports")
     q, i = _copy(frames, "cirr")
     write_prepared(tmp_path / "prepared", "cirr", q, i.drop(columns=["status"]))
     with pytest.raises(DataFormatError, match=r"images\.parquet.*missing column.*status"):
-        run_validate(ValidateConfig(), tmp_path / "prepared", tmp_path / "reports")
+        run_validate(repo_section("validate"), tmp_path / "prepared", tmp_path / "reports")
 
 
 # --------------------------------------------------------------------------- CLI
 
 
 def _params(tmp_path: Path) -> Path:
-    params = tmp_path / "params.yaml"
-    params.write_text(
-        yaml.safe_dump(
-            {
-                "validate": {
-                    "prepared": str(tmp_path / "prepared"),
-                    "report_dir": str(tmp_path / "reports"),
-                    "max_quarantined_fraction": 0.0,
-                    "max_caption_words": 80,
-                    "min_image_side": 8,
-                    "max_image_side": 20000,
-                }
-            }
-        ),
-        encoding="utf-8",
-    )
-    return params
+    return params_file(tmp_path / "params.yaml", {
+        "validate": {
+            "prepared": str(tmp_path / "prepared"),
+            "report_dir": str(tmp_path / "reports"),
+            "max_quarantined_fraction": 0.0,
+            "max_caption_words": 80,
+            "min_image_side": 8,
+            "max_image_side": 20000,
+        }
+    })
 
 
 def test_cli_validate_passes(tmp_path: Path, frames: dict, capsys: pytest.CaptureFixture[str]) -> None:

@@ -30,7 +30,6 @@ from PIL import Image, ImageOps
 from detailfusion.errors import DetailFusionError
 
 DEFAULT_MAX_IMAGE_PIXELS = 200_000_000
-DEFAULT_TARGET_RATIO = 1.25
 
 
 class ImageDecodeError(DetailFusionError):
@@ -142,7 +141,7 @@ def to_8bit(img: Image.Image, *, source: str | None = None) -> Image.Image:
     return img
 
 
-def targetpad(img: Image.Image, size: int, target_ratio: float = DEFAULT_TARGET_RATIO) -> Image.Image:
+def targetpad(img: Image.Image, size: int, target_ratio: float) -> Image.Image:
     """CLIP4Cir ``targetpad``: TargetPad(ratio) -> Resize(size, BICUBIC) -> CenterCrop(size) -> RGB.
 
     Every step calls PIL the way torchvision's PIL backend does, so the pixels match.
@@ -183,7 +182,7 @@ def to_array(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def preprocess_image(img: Image.Image, size: int, target_ratio: float = DEFAULT_TARGET_RATIO) -> np.ndarray:
+def preprocess_image(img: Image.Image, size: int, target_ratio: float) -> np.ndarray:
     """A decoded image -> targetpadded uint8 (size, size, 3)."""
     try:
         return to_array(targetpad(img, size, target_ratio))
@@ -194,7 +193,7 @@ def preprocess_image(img: Image.Image, size: int, target_ratio: float = DEFAULT_
 def preprocess_bytes(
     data: bytes,
     size: int,
-    target_ratio: float = DEFAULT_TARGET_RATIO,
+    target_ratio: float,
     *,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     source: str | None = None,

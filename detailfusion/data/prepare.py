@@ -22,7 +22,6 @@ import logging
 import os
 import secrets
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,46 +32,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from detailfusion.data import get_reader
+from detailfusion.data.config import PrepareConfig
 from detailfusion.data.decoding import CORRUPT, MISSING, OK, conversion_counts, decode_all
-from detailfusion.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from detailfusion.data.manifest import DATASETS, PREPARED_IMAGE_COLUMNS, QUERY_COLUMNS
 from detailfusion.data.native import NativeDataset
 from detailfusion.data.stats import breakdown
 from detailfusion.errors import DataFormatError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PrepareConfig:
-    """``params.yaml: prepare``."""
-
-    out: Path = Path("data/prepared")
-    datasets: list[str] = field(default_factory=lambda: list(DATASETS))
-    image_size: int = 64
-    target_ratio: float = 1.25
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    # Decoding processes; 0 = auto: 2 for large galleries on machines with >= 4 cores, else 1
-    # (on 2 cores the pool's transfer overhead outweighs decoding small images in parallel).
-    workers: int = 0
-
-    def validate(self) -> None:
-        unknown = [d for d in self.datasets if d not in DATASETS]
-        if unknown:
-            raise ValueError(f"datasets: unknown {unknown}; allowed: {list(DATASETS)}")
-        if not self.datasets:
-            raise ValueError("datasets: empty list")
-        if len(set(self.datasets)) != len(self.datasets):
-            raise ValueError(f"datasets: duplicates in {self.datasets}")
-        if self.image_size < 8:
-            raise ValueError(f"image_size: must be >= 8, got {self.image_size}")
-        if self.target_ratio < 1.0:
-            raise ValueError(f"target_ratio: must be >= 1.0, got {self.target_ratio}")
-        if self.max_image_pixels <= 0:
-            raise ValueError(f"max_image_pixels: must be positive, got {self.max_image_pixels}")
-        if self.workers < 0:
-            raise ValueError(f"workers: must be >= 0, got {self.workers}")
-
 
 def run_prepare(
     cfg: PrepareConfig, root: str | Path, out: str | Path, progress: bool = True

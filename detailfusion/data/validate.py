@@ -31,6 +31,7 @@ import pandas as pd
 
 from detailfusion import timings
 from detailfusion.config import to_dict
+from detailfusion.data.config import ValidateConfig
 from detailfusion.data.manifest import DATASETS, PREPARED_IMAGE_COLUMNS, QUERY_COLUMNS
 from detailfusion.data.prepared import open_pixels, read_manifest, read_quarantine
 from detailfusion.data.validation.checks import (
@@ -48,34 +49,6 @@ from detailfusion.fsutil import atomic_path, replace_dir
 
 REPORT_NAME = "report.json"
 DOCS_NAME = "data_docs"
-
-
-@dataclass
-class ValidateConfig:
-    """The ``validate:`` section of ``params.yaml``."""
-
-    prepared: Path = Path("data/prepared")
-    report_dir: Path = Path("reports/validation")
-    # Share of gallery images (per data set) allowed in quarantine; real FashionIQ needs ~0.02.
-    max_quarantined_fraction: float = 0.0
-    max_caption_words: int = 80
-    min_image_side: int = 8
-    max_image_side: int = 20000
-
-    def validate(self) -> None:
-        """Raise ValueError when a value makes no sense."""
-        if not 0.0 <= self.max_quarantined_fraction <= 1.0:
-            raise ValueError(
-                f"max_quarantined_fraction must be in [0, 1], got {self.max_quarantined_fraction}"
-            )
-        if self.max_caption_words < 1:
-            raise ValueError(f"max_caption_words must be >= 1, got {self.max_caption_words}")
-        if self.min_image_side < 1:
-            raise ValueError(f"min_image_side must be >= 1, got {self.min_image_side}")
-        if self.max_image_side < self.min_image_side:
-            raise ValueError(
-                f"max_image_side ({self.max_image_side}) must be >= min_image_side ({self.min_image_side})"
-            )
 
 
 @dataclass

@@ -11,7 +11,6 @@ the HTML retrieval report, and the same metrics on a held-out split whose target
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,29 +20,11 @@ from detailfusion.errors import DetailFusionError
 from detailfusion.eval import hit_stats
 from detailfusion.eval import metrics as M
 from detailfusion.eval.baselines import pixel_reference_baseline, reference_only_queries
+from detailfusion.eval.config import EvaluateConfig
 from detailfusion.fsutil import write_json_atomic
 from detailfusion.retrieval.embed import embed_gallery, embed_queries
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvaluateConfig:
-    """The ``evaluate:`` params section."""
-
-    split: str = "val"
-    batch_size: int = 256
-    bootstrap: int = 1000
-    report_samples: int = 12
-    report_top_k: int = 8
-    out_metrics: str = "metrics/eval.json"
-    out_plots: str = "plots"
-    out_reports: str = "reports"
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.batch_size < 1 or self.bootstrap < 1 or self.report_top_k < 1:
-            raise ValueError("batch_size, bootstrap and report_top_k must be >= 1")
 
 
 # --------------------------------------------------------------------------- embeddings

@@ -147,6 +147,7 @@ def run_suite(repo_dir: str | Path = ".", *, variants: list[str] | None = None, 
     that finished with the same params is reused (resume) unless ``rerun``. Paths are relative to
     ``repo_dir``."""
     from detailfusion.experiments.tracking import log_suite_summary, suite_parent, tracking_config
+    from detailfusion.tracking.stages import pipeline_dataset
 
     repo = Path(repo_dir).resolve()
     dvc = dvc or dvc_executable()
@@ -174,7 +175,7 @@ def run_suite(repo_dir: str | Path = ".", *, variants: list[str] | None = None, 
         if done.returncode:
             raise DvcError(f"dvc exp remove {' '.join(stale)} failed: {error_lines(done.stdout + done.stderr)}")
 
-    dataset = (params.get("stage2_branches") or {}).get("dataset", "cirr")
+    dataset = pipeline_dataset(params, str(params_path))
     cfg = tracking_config(params, str(params_path))
     parent = None
     if cfg is not None:

@@ -1,7 +1,8 @@
 """``detailfusion registry {publish,register,promote,rollback,list}``: the registry on the command line.
 
 :func:`add_parser` registers the subcommands on the top-level ``detailfusion`` parser; each reads
-the ``tracking`` and ``registry`` sections of ``--params`` (defaults when a section is absent)
+the ``tracking`` and ``registry`` sections of ``--params`` (the top-level CLI has checked the whole
+file; the installed checkout's ``params.yaml`` when the default file is absent)
 and prints a human-readable result, or JSON with ``--json``.
 """
 
@@ -13,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from detailfusion.config import from_dict, load_params
+from detailfusion.config import REPO_PARAMS, load_params, load_section, to_dict
+from detailfusion.errors import ConfigError
 from detailfusion.registry.config import RegistryConfig
 from detailfusion.tracking.config import TrackingConfig
 
@@ -23,18 +25,28 @@ EXIT_REFUSED = 1  # `promote`: the gate refused the challenger; @champion unchan
 EXIT_ERROR = 2  # bad input, a missing model/version, or the tracking server unreachable
 
 
-def _read_params(path: str) -> dict[str, Any]:
-    """``params.yaml`` when present; the defaults when the default file is absent (running the
-    registry outside a checkout); an error for any other path that does not exist."""
+def _params_path(path: str) -> Path:
+    """``--params``; the installed checkout's ``params.yaml`` when the default file is absent
+    (running the registry outside a checkout)."""
     if Path(path).is_file() or path != "params.yaml":
-        return load_params(path)
-    return {}
+        return Path(path)
+    return REPO_PARAMS
 
 
 def _configs(args: argparse.Namespace) -> tuple[TrackingConfig, RegistryConfig, dict[str, Any]]:
-    params = _read_params(args.params)
-    tracking = from_dict(TrackingConfig, params.get("tracking"), where=f"{args.params}: tracking")
-    registry = from_dict(RegistryConfig, params.get("registry"), where=f"{args.params}: registry")
+    """The tracking and registry sections and the raw params: from the checked params the top-level
+    CLI loaded (``args.config``), else (``python -m detailfusion.registry.cli``) from the file."""
+    config = getattr(args, "config", None)
+    if config is not None:
+        return config.tracking, config.registry, {"prepare": to_dict(config.prepare), "registry": to_dict(config.registry),
+                                                  "stage2_branches": {"dataset": config.dataset}}
+    path = _params_path(args.params)
+    params = load_params(path)
+    tracking = load_section(TrackingConfig, params, "tracking", source=str(path))
+    registry = load_section(RegistryConfig, params, "registry", source=str(path))
+    for section, key in (("prepare", "image_size"), ("prepare", "target_ratio"), ("stage2_branches", "dataset")):
+        if key not in (params.get(section) or {}):
+            raise ConfigError(f"{path}: {section}.{key}: missing")
     return tracking, registry, params
 
 
@@ -71,8 +83,7 @@ def _model_name(args: argparse.Namespace, registry: RegistryConfig) -> str:
         return args.name
     dataset = args.dataset
     if dataset is None:  # the data set the pipeline trains on (params stage2_branches.dataset)
-        params = _read_params(args.params)
-        dataset = (params.get("stage2_branches") or {}).get("dataset", "cirr")
+        dataset = _configs(args)[2]["stage2_branches"]["dataset"]
     return registry.name_for(dataset)
 
 
@@ -96,16 +107,16 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from detailfusion.registry.publish import publish_model
 
     tracking, registry, params = _configs(args)
-    prepare = params.get("prepare") or {}
+    prepare = params["prepare"]
     summary = publish_model(
         args.model_dir,
         args.dataset,
         args.metrics,
         tracking=tracking,
         registry=registry,
-        params={"registry": params.get("registry", {}), "prepare": prepare},
-        image_size=prepare.get("image_size"),
-        target_ratio=float(prepare.get("target_ratio", 1.25)),
+        params={"registry": params["registry"], "prepare": prepare},
+        image_size=prepare["image_size"],
+        target_ratio=float(prepare["target_ratio"]),
         run_promotion=not args.no_promote,
         force=args.force,
     )

@@ -9,21 +9,21 @@ from dataclasses import dataclass
 class RegistryConfig:
     """Which registered model a data set's versions go to and when a challenger becomes champion."""
 
-    model_name: str = "detailfusion-{dataset}"
+    model_name: str
     # Validation metric the gate compares, as the evaluate stage names it (``Avg``, ``Rsub@1``...).
-    metric: str = "Avg"
-    greater_is_better: bool = True
+    metric: str
+    greater_is_better: bool
     # The challenger must beat the champion by MORE than this (in the metric's units).
-    min_margin: float = 0.0
+    min_margin: float
     # A promotion lock older than this is considered abandoned (its holder crashed) and broken.
-    lock_timeout_s: float = 300.0
+    lock_timeout_s: float
     # How long a promotion waits for another one to release the lock before giving up.
-    lock_wait_s: float = 120.0
+    lock_wait_s: float
     # Registry calls are retried with exponential backoff (backoff_s, 2*backoff_s, ...), each
     # attempt waiting at most timeout_s for the server.
-    retries: int = 3
-    backoff_s: float = 1.0
-    timeout_s: float = 30.0
+    retries: int
+    backoff_s: float
+    timeout_s: float
 
     def validate(self) -> None:
         if "{dataset}" not in self.model_name:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from detailfusion.config import repo_default
 from detailfusion.registry.config import RegistryConfig
 from detailfusion.registry.lock import PromotionLock, RegistryError
 from detailfusion.registry.versions import ALIAS_CHALLENGER, ALIAS_CHAMPION, ALIAS_PREVIOUS, Registry, now_iso
@@ -103,7 +104,7 @@ def promote(
     challenger's tags (``promotion.*``) and returned; promotion also moves the old champion to
     ``@previous-champion`` and clears ``@challenger``.
     """
-    cfg = config or RegistryConfig()
+    cfg = config or repo_default(RegistryConfig, "registry")
     reg = Registry(client, cfg)
     reg.require_model(name)
     with PromotionLock(reg.client, name, cfg, purpose="promote"):
@@ -189,7 +190,7 @@ def rollback(name: str, *, config: RegistryConfig | None = None, client: Any | N
     ``@previous-champion`` then steps one further back in the promotion history (the champion
     the restored version had replaced), or disappears when there is none.
     """
-    cfg = config or RegistryConfig()
+    cfg = config or repo_default(RegistryConfig, "registry")
     reg = Registry(client, cfg)
     reg.require_model(name)
     with PromotionLock(reg.client, name, cfg, purpose="rollback"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from detailfusion.config import repo_default
 from detailfusion.registry.config import RegistryConfig
 from detailfusion.registry.operations import promote
 from detailfusion.registry.registration import register
@@ -27,7 +28,7 @@ def publish_model(
     registry: RegistryConfig | None = None,
     params: dict[str, Any] | None = None,
     image_size: int | None = None,
-    target_ratio: float = 1.25,
+    target_ratio: float,
     run_promotion: bool = True,
     force: bool = False,
 ) -> dict[str, Any]:
@@ -42,8 +43,8 @@ def publish_model(
     from detailfusion.registry.registration import metrics_from_files
     from detailfusion.tracking.pyfunc import log_fused_model
 
-    tracking = tracking or TrackingConfig()
-    registry = registry or RegistryConfig()
+    tracking = tracking or repo_default(TrackingConfig, "tracking")
+    registry = registry or repo_default(RegistryConfig, "registry")
     model = load_pretrained(model_dir)
     metrics = metrics_from_files(list(metrics_files))
     with stage_run("register", params or {}, dataset, model.variant.name, config=tracking) as run:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from detailfusion.config import repo_default
 from detailfusion.registry.config import RegistryConfig
 from detailfusion.registry.lock import RegistryError
 from detailfusion.registry.versions import ALIAS_CHALLENGER, METRIC_TAG, MISSING_CODES, Registry, now_iso
@@ -101,7 +102,7 @@ def register(
     """
     from mlflow.exceptions import MlflowException
 
-    cfg = config or RegistryConfig()
+    cfg = config or repo_default(RegistryConfig, "registry")
     reg = Registry(client, cfg)
     name = cfg.name_for(dataset)
     source, run_id, model_id = reg.call(resolve_model_source, reg.client, model)

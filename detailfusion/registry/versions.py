@@ -13,6 +13,7 @@ import datetime as _dt
 import math
 from typing import Any
 
+from detailfusion.config import repo_default
 from detailfusion.registry.config import RegistryConfig
 from detailfusion.registry.lock import RegistryError
 from detailfusion.tracking.config import TrackingConfig, resolve_tracking_uri
@@ -31,7 +32,7 @@ def registry_client(tracking: TrackingConfig | None = None) -> Any:
     """An MlflowClient on the tracking store (``$MLFLOW_TRACKING_URI`` or ``params.yaml`` tracking)."""
     from mlflow import MlflowClient
 
-    uri = resolve_tracking_uri(tracking or TrackingConfig())
+    uri = resolve_tracking_uri(tracking or repo_default(TrackingConfig, "tracking"))
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -93,7 +94,7 @@ class Registry:
 
 def list_versions(name: str, *, config: RegistryConfig | None = None, client: Any | None = None) -> list[dict[str, Any]]:
     """One row per version, newest first: version, aliases, metrics, decision, status, run, created."""
-    reg = Registry(client, config or RegistryConfig())
+    reg = Registry(client, config or repo_default(RegistryConfig, "registry"))
     model = reg.require_model(name)
     by_version: dict[str, list[str]] = {}
     for alias, ver in (model.aliases or {}).items():

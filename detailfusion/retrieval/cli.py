@@ -8,19 +8,17 @@ import os
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
-    from detailfusion.config import load_params, load_section
-    from detailfusion.registry.config import RegistryConfig
-    from detailfusion.retrieval.job import RetrieveConfig, run_retrieval
-    from detailfusion.tracking.config import TrackingConfig
+    from dataclasses import replace
 
-    params = load_params(args.params) if os.path.isfile(args.params) else {}
-    tracking = load_section(TrackingConfig, params, "tracking", source=args.params) if "tracking" in params \
-        else TrackingConfig()
-    if args.no_track:
-        tracking.enabled = False
-    registry = load_section(RegistryConfig, params, "registry", source=args.params) if "registry" in params \
-        else RegistryConfig()
-    dataset = args.dataset or (params.get("stage2_branches") or {}).get("dataset", "cirr")
+    from detailfusion.config import to_dict
+    from detailfusion.retrieval.job import RetrieveConfig, run_retrieval
+
+    # the top-level CLI has checked all of --params (the checkout's params.yaml outside a checkout)
+    config = args.config
+    tracking = replace(config.tracking, enabled=False) if args.no_track else config.tracking
+    registry = config.registry
+    params = {"prepare": to_dict(config.prepare)}
+    dataset = args.dataset or config.dataset
     cfg = RetrieveConfig(
         gallery=args.gallery, queries=args.queries, out=args.out, model=args.model, dataset=dataset,
         gallery_format=args.gallery_format, split=args.split, category=args.category or "",

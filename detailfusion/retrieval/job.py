@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from detailfusion.config import repo_default
 from detailfusion.errors import DetailFusionError
 from detailfusion.retrieval.embed import autocast_dtype, encode_queries, pixels_from_bytes
 from detailfusion.retrieval.storage import check_reachable, is_remote, join, local_path, read_bytes
@@ -90,7 +91,11 @@ def default_work_dir(cfg: RetrieveConfig) -> Path:
 def _settings(cfg: RetrieveConfig, resolved, params: dict | None) -> tuple[int, float]:
     prepare = (params or {}).get("prepare") or {}
     size = cfg.image_size or resolved.settings.get("image_size") or prepare.get("image_size") or resolved.model.image_size
-    ratio = cfg.target_ratio or resolved.settings.get("target_ratio") or prepare.get("target_ratio") or 1.25
+    ratio = cfg.target_ratio or resolved.settings.get("target_ratio") or prepare.get("target_ratio")
+    if not ratio:  # no params given (an API call): the checkout's prepare.target_ratio
+        from detailfusion.data.config import PrepareConfig
+
+        ratio = repo_default(PrepareConfig, "prepare").target_ratio
     return int(size), float(ratio)
 
 
@@ -114,8 +119,8 @@ def run_retrieval(cfg: RetrieveConfig, *, tracking=None, registry=None, params: 
     timings: dict[str, float] = {}
     for uri in (cfg.gallery, cfg.queries, cfg.out):
         check_reachable(uri, cfg.endpoint_url)
-    tracking = tracking or TrackingConfig()
-    registry = registry or RegistryConfig()
+    tracking = tracking or repo_default(TrackingConfig, "tracking")
+    registry = registry or repo_default(RegistryConfig, "registry")
     model_uri = cfg.model or f"models:/{registry.name_for(cfg.dataset)}@champion"
     from detailfusion.tracking.transport import configure_http
 

@@ -5,18 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from detailfusion.config import from_dict, load_params
-
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from detailfusion.tracking.config import TrackingConfig
     from detailfusion.tracking.replay import replay_offline_record
 
-    params = load_params(args.params) if Path(args.params).is_file() else {}
-    cfg = from_dict(TrackingConfig, params.get("tracking"), where=f"{args.params}: tracking")
-    done = replay_offline_record(args.record, cfg)
+    # the top-level CLI has checked all of --params (the checkout's params.yaml outside a checkout)
+    done = replay_offline_record(args.record, args.config.tracking)
     print(json.dumps({"replayed": done}, indent=2))
     return 0
 

@@ -23,25 +23,25 @@ DVC_ROOT_ENV = "DVC_ROOT"
 class TrackingConfig:
     """How stages talk to MLflow (``params.yaml`` section ``tracking``)."""
 
-    enabled: bool = True
+    enabled: bool
     # Relative paths (sqlite:///mlflow.db, plain paths) resolve against the repository root.
-    tracking_uri: str = "sqlite:///mlflow.db"
+    tracking_uri: str
     # Artifact root of experiments this code creates in a local (non-HTTP) store; a server
     # decides its own artifact location.
-    artifact_location: str = "mlartifacts"
-    experiment: str = "detailfusion-{dataset}"
+    artifact_location: str
+    experiment: str
     # MLflow retries a failing request itself (detailfusion.tracking.transport): up to `retries`
     # times, waiting about 0, 2*backoff_s, 4*backoff_s... (whole seconds), timeout_s per attempt.
-    retries: int = 3
-    backoff_s: float = 1.0
-    timeout_s: float = 30.0
-    system_metrics: bool = True
-    system_metrics_interval_s: float = 10.0
+    retries: int
+    backoff_s: float
+    timeout_s: float
+    system_metrics: bool
+    system_metrics_interval_s: float
     # Per-step metrics are sent in batches of this many values (and at the end of the stage).
-    metrics_batch: int = 100
+    metrics_batch: int
     # What could not be logged when the server stayed down (relative to the working directory,
     # so a DVC stage writes it next to its other metrics).
-    offline_record: str = "metrics/tracking_offline.json"
+    offline_record: str
 
     def validate(self) -> None:
         if not 0 <= self.retries <= 10:

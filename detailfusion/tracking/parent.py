@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from detailfusion.config import repo_default
 from detailfusion.tracking.config import TrackingConfig
 from detailfusion.tracking.lineage import TAG_DVC_STAGE, lineage_tags
 from detailfusion.tracking.session import (
@@ -130,7 +131,7 @@ def pipeline_run(
     With ``$DETAILFUSION_PIPELINE_RUN_ID`` set, that run is the parent and is left to its owner.
     Offline (store unreachable), the returned run has ``run_id=None``.
     """
-    session = session or TrackingSession(config or TrackingConfig())
+    session = session or TrackingSession(config or repo_default(TrackingConfig, "tracking"))
     key = pipeline_key()
     external = os.environ.get(PIPELINE_RUN_ENV)
     if session.offline:

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from detailfusion.tracking.runs import StageRun
 
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
-DEFAULT_TARGET_RATIO = 1.25
 DEFAULT_BATCH_SIZE = 256
 
 # What the pyfunc imports at load/predict time (directly or through detailfusion).
@@ -113,7 +112,7 @@ def log_fused_model(
     *,
     run: StageRun | str | None = None,
     image_size: int | None = None,
-    target_ratio: float = DEFAULT_TARGET_RATIO,
+    target_ratio: float,
     batch_size: int = DEFAULT_BATCH_SIZE,
     input_example: pd.DataFrame | None = None,
     registered_model_name: str | None = None,
@@ -123,7 +122,7 @@ def log_fused_model(
 
     ``run``: the :class:`StageRun` (or run id) the model belongs to; default: the active MLflow run.
     ``image_size``/``target_ratio``: the ``preprocess_bytes`` settings, i.e. ``prepare.image_size``
-    and ``prepare.target_ratio`` (default: the backbone's input size and 1.25), so served pixels
+    and ``prepare.target_ratio`` (image size default: the backbone's input size), so served pixels
     equal the evaluation pixel cache. ``registered_model_name`` also registers a version.
     """
     import mlflow

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from detailfusion.config import repo_default
 from detailfusion.errors import DataFormatError, DetailFusionError
 from detailfusion.fsutil import read_json_object
 from detailfusion.tracking.config import TrackingConfig
@@ -76,7 +77,7 @@ def replay_offline_record(path: str | Path | None = None, config: TrackingConfig
     Stages are removed from the record as they succeed; when the store is still unreachable a
     :class:`~detailfusion.errors.DetailFusionError` says so and the record keeps the rest.
     """
-    cfg = config or TrackingConfig()
+    cfg = config or repo_default(TrackingConfig, "tracking")
     path = Path(path or cfg.offline_record)
     stages = _read(path)
     session = TrackingSession(cfg)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from detailfusion.config import flatten
+from detailfusion.config import flatten, repo_default
 from detailfusion.pipeline import is_main_process
 from detailfusion.tracking.config import TrackingConfig
 from detailfusion.tracking.lineage import frame_digest, lineage_tags
@@ -340,7 +340,7 @@ def stage_run(
     The run ends FINISHED, or FAILED when the block raises (KILLED on Ctrl-C). Under
     ``torchrun`` only rank 0 tracks; other ranks get a disabled run.
     """
-    cfg = config or TrackingConfig()
+    cfg = config or repo_default(TrackingConfig, "tracking")
     if not is_main_process():
         cfg = TrackingConfig(**{**cfg.__dict__, "enabled": False})
     session = TrackingSession(cfg, repo_root)

@@ -32,33 +32,37 @@ def tracking_config(params: dict[str, Any], source: str = "params.yaml") -> Trac
     return cfg if cfg.enabled else None
 
 
-def pipeline_dataset(params: dict[str, Any]) -> str:
-    """The data set the pipeline trains on (``stage2_branches.dataset``)."""
-    return (params.get("stage2_branches") or {}).get("dataset", "cirr")
+def pipeline_dataset(params: dict[str, Any], source: str = "params.yaml") -> str:
+    """The data set the pipeline trains on (``stage2_branches.dataset``) of a raw params mapping."""
+    from detailfusion.errors import ConfigError
+
+    dataset = (params.get("stage2_branches") or {}).get("dataset")
+    if not dataset:
+        raise ConfigError(f"{source}: stage2_branches.dataset: missing")
+    return str(dataset)
 
 
 @contextlib.contextmanager
-def tracked(params_path: str | Path, stage: str, sections: tuple[str, ...],
+def tracked(params: Any, stage: str, logged: dict[str, Any],
             variant: str | None = None) -> Iterator[StageRun | None]:
     """A stage run (nested under the pipeline's parent run) for a stage command.
 
-    Yields ``None`` when ``params.yaml`` has no ``tracking`` section, it is disabled, or this is
-    not rank 0 of a ``torchrun`` stage. A store that was down shows as one ``warning:`` line.
+    ``params`` is the command's checked ``params.yaml`` (:class:`detailfusion.params.Params`);
+    ``logged`` the stage's *effective* config, section -> plain mapping, as the stage runs it
+    (every value filled in, the loop after ``equalize_budget``): it becomes the run's params.
+    Yields ``None`` when tracking is disabled or this is not rank 0 of a ``torchrun`` stage. A
+    store that was down shows as one ``warning:`` line.
     """
-    from detailfusion.config import load_params
     from detailfusion.tracking.runs import stage_run
 
-    params = load_params(params_path)
-    cfg = tracking_config(params, str(params_path))
-    if cfg is None or not is_main_process():
+    cfg = params.tracking
+    if not cfg.enabled or not is_main_process():
         yield None
         return
     if variant is None and stage not in DATA_STAGES:
-        variant = (params.get("model") or {}).get("variant")
-    registry = params.get("registry") or {}
-    primary = (str(registry.get("metric", "Avg")), bool(registry.get("greater_is_better", True)))
-    with _one_line_offline_warning(), stage_run(stage, {k: params[k] for k in sections if k in params},
-                                                 pipeline_dataset(params), variant, config=cfg,
+        variant = params.model.variant
+    primary = (params.registry.metric, params.registry.greater_is_better)
+    with _one_line_offline_warning(), stage_run(stage, logged, params.dataset, variant, config=cfg,
                                                  primary_metric=primary) as run:  # fmt: skip
         yield run
 
@@ -80,10 +84,9 @@ def _one_line_offline_warning() -> Iterator[None]:
         yield
 
 
-def data_source_name(params: dict[str, Any], dataset: str) -> str:
+def data_source_name(params: Any, dataset: str) -> str:
     """Name of the data set input in MLflow: ``synthetic-cirr`` for the embedded default, else ``cirr``."""
-    root = str((params.get("data") or {}).get("root", ""))
-    return f"synthetic-{dataset}" if "synthetic" in Path(root).parts else dataset
+    return f"synthetic-{dataset}" if "synthetic" in Path(params.data.root).parts else dataset
 
 
 def step_logger(run: StageRun | None) -> Callable[[int, dict[str, float]], None] | None:
@@ -101,7 +104,7 @@ def log_synthesize(run: StageRun | None, summary: dict[str, Any], out: Path) -> 
         run.log_artifact(out / "SYNTHETIC.json")
 
 
-def log_prepare(run: StageRun | None, params: dict[str, Any], out: Path, datasets: Iterable[str]) -> None:
+def log_prepare(run: StageRun | None, params: Any, out: Path, datasets: Iterable[str]) -> None:
     if run is None:
         return
     run.log_metrics_file(out / "summary.json", prefix="prepare/")
@@ -127,19 +130,19 @@ def log_pretrain(run: StageRun | None, metrics_file: Path) -> None:
         run.log_metrics_file(metrics_file, prefix="pretrain/")
 
 
-def log_train(run: StageRun | None, stage: str, params: dict[str, Any], metrics_dir: Path, prepared_dir: Path) -> None:
+def log_train(run: StageRun | None, stage: str, params: Any, metrics_dir: Path, prepared_dir: Path) -> None:
     """A training stage's metrics file (``stage<n>/...``) and its training manifest as data input."""
     if run is None:
         return
     n = stage[5]
     run.log_metrics_file(metrics_dir / f"stage{n}.json", prefix=f"stage{n}/")
-    dataset = "ipr2pr" if stage == "stage1_detail" else params["stage2_branches"]["dataset"]
+    dataset = params.stage1_detail.dataset if stage == "stage1_detail" else params.dataset
     manifest = prepared_dir / dataset / "queries.parquet"
     if manifest.is_file():
         run.log_manifest(manifest, name=data_source_name(params, dataset))
 
 
-def log_evaluate(run: StageRun | None, params: dict[str, Any], cfg: Any, summary: dict[str, Any], prepared: Path,
+def log_evaluate(run: StageRun | None, params: Any, cfg: Any, summary: dict[str, Any], prepared: Path,
                  dataset: str) -> None:
     """Metrics, plots and reports; the headline numbers and the data set on the parent run too,
     so two pipelines compare in the runs table without expanding their children."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from detailfusion import timings
-from detailfusion.config import load_section, to_dict
+from detailfusion.config import to_dict
 from detailfusion.errors import ConfigError
 from detailfusion.fsutil import write_stage_outputs
-from detailfusion.train.config import LoopConfig
+from detailfusion.train.config import LoopConfig, PretrainConfig  # noqa: F401 - LoopConfig: re-exported
 from detailfusion.train.data import StepSampler
 from detailfusion.train.loop import run_training
 from detailfusion.train.tasks import param_groups
@@ -41,29 +41,6 @@ from detailfusion.train.tasks import param_groups
 CHECKPOINT_FILE = "open_clip.safetensors"
 METRICS_FILE = "pretrain_backbone.json"
 INIT_TEMPERATURE = 0.07
-
-
-@dataclass
-class PretrainConfig:
-    """``params.yaml`` section ``pretrain_backbone``."""
-
-    out: str = "models/backbone"
-    seed: int = 0  # the pairs' random stream (independent of the CIR splits' streams)
-    scenes: int = 40000  # object scenes with full descriptions (CIRR / IPr2Pr domain)
-    garments: int = 10000  # garments with full descriptions (FashionIQ domain)
-    heldout: int = 1000  # pairs per domain kept out of training for the stage's retrieval metric
-    loop: LoopConfig = field(default_factory=LoopConfig)
-
-    def validate(self) -> None:
-        if self.scenes < 0 or self.garments < 0:
-            raise ValueError("scenes and garments must be >= 0")
-        if self.heldout < 1:
-            raise ValueError(f"heldout must be >= 1, got {self.heldout}")
-        for name, n in (("scenes", self.scenes), ("garments", self.garments)):
-            if 0 < n <= self.heldout:
-                raise ValueError(f"{name} ({n}) must exceed heldout ({self.heldout}) or be 0")
-        if self.scenes + self.garments == 0:
-            raise ValueError("scenes + garments must be > 0")
 
 
 class ClipWithTemperature(nn.Module):
@@ -156,20 +133,21 @@ def _split_heldout(domain: np.ndarray, heldout: int) -> tuple[np.ndarray, dict[i
     return train, test
 
 
-def run_pretrain(params: dict, params_path: str | Path = "params.yaml", metrics_dir: str | Path = "metrics",
-                 progress: bool = True, on_log=None) -> dict:
-    """Train (or skip) the backbone; returns the stage metrics written to ``metrics/pretrain_backbone.json``."""
+def run_pretrain(params, metrics_dir: str | Path = "metrics", progress: bool = True, on_log=None) -> dict:
+    """Train (or skip) the backbone; returns the stage metrics written to ``metrics/pretrain_backbone.json``.
+
+    ``params``: the checked ``params.yaml`` (:class:`detailfusion.params.Params`); the stage reads
+    ``pretrain_backbone``, ``model`` and the look of the images (``synthesize.image_size``,
+    ``synthesize.render_scale``)."""
     from tqdm.auto import tqdm
 
-    from detailfusion.data.synthetic import SynthConfig
     from detailfusion.data.synthetic.descriptions import pretraining_pairs
     from detailfusion.models import get_model_config
     from detailfusion.models.backbone import ClipBackbone
-    from detailfusion.train.config import ModelSection
 
-    source = str(params_path)
-    cfg = load_section(PretrainConfig, params, "pretrain_backbone", source=source)
-    model_section = load_section(ModelSection, params, "model", source=source)
+    source = params.source
+    cfg: PretrainConfig = params.pretrain_backbone
+    model_section = params.model
     out = Path(cfg.out)
     target = out / CHECKPOINT_FILE
     metrics_path = Path(metrics_dir) / METRICS_FILE
@@ -187,8 +165,7 @@ def run_pretrain(params: dict, params_path: str | Path = "params.yaml", metrics_
             f"pretrained tag or checkpoint in model.pretrained instead (the stage then skips itself)"
         )
     # only the look of the images (side, anti-aliasing) is shared with the benchmark's generator
-    look = {k: v for k, v in (params.get("synthesize") or {}).items() if k in ("image_size", "render_scale")}
-    synth = load_section(SynthConfig, {"synthesize": look}, "synthesize", source=source)
+    synth = params.synthesize
     arch.backbone.pretrained = None  # this stage makes the weights
     with timings.phase("build_model"):
         torch.manual_seed(cfg.loop.seed)

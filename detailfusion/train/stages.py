@@ -16,18 +16,18 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from detailfusion import timings
-from detailfusion.config import load_params, load_section, to_dict
+from detailfusion.config import to_dict
 from detailfusion.errors import ConfigError
 from detailfusion.fsutil import write_stage_outputs
 from detailfusion.pipeline import METHOD_STAGES, is_main_process
-from detailfusion.train.config import ModelSection, Stage1Config, Stage2Config, Stage3Config
+from detailfusion.train.config import LoopConfig, ModelSection
 from detailfusion.train.data import StepSampler, build_triplets
 from detailfusion.train.loop import resolve_device, run_training
 from detailfusion.train.tasks import BranchFinetuneTask, DetailPretrainTask, FusionTask
@@ -59,17 +59,17 @@ def _save_stage(model, out_dir: Path, summary: dict, metrics_path: Path, metrics
 
 
 class StageContext:
-    """Paths and params shared by the stage runners."""
+    """The checked ``params.yaml`` (:class:`detailfusion.params.Params`, loaded once by the CLI) and
+    the paths the stage runners share; ``prepared_dir`` defaults to ``prepare.out``."""
 
-    def __init__(self, params_path: str | Path = "params.yaml", models_dir: str | Path = "models",
-                 metrics_dir: str | Path = "metrics", prepared_dir: str | Path | None = None):
-        self.params_path = Path(params_path)
-        self.params = load_params(self.params_path)
-        self.model_section = load_section(ModelSection, self.params, "model", source=str(self.params_path))
+    def __init__(self, params, models_dir: str | Path = "models", metrics_dir: str | Path = "metrics",
+                 prepared_dir: str | Path | None = None):
+        self.params = params
+        self.params_path = Path(params.source)
+        self.model_section: ModelSection = params.model
         self.models_dir = Path(models_dir)
         self.metrics_dir = Path(metrics_dir)
-        prepared = prepared_dir or (self.params.get("prepare") or {}).get("out", "data/prepared")
-        self.prepared_dir = Path(prepared)
+        self.prepared_dir = Path(prepared_dir or params.prepare.out)
 
     def variant(self):
         from detailfusion.models import VARIANTS, list_variants
@@ -81,6 +81,27 @@ class StageContext:
 
     def checkpoint_dir(self, stage: str, run_config: dict) -> Path:
         return self.models_dir / "checkpoints" / f"{stage}-{_config_hash(run_config)}"
+
+
+def stage2_loop(params) -> LoopConfig:
+    """Stage 2's loop as it runs: with stage 1's steps added when the variant skips stage 1 and
+    ``stage2_branches.equalize_budget`` is on (every variant then trains the same number of steps)."""
+    from detailfusion.models import VARIANTS
+
+    cfg = params.stage2_branches
+    if cfg.equalize_budget and not VARIANTS[params.model.variant].stage1:
+        return replace(cfg.loop, max_steps=cfg.loop.max_steps + params.stage1_detail.loop.max_steps)
+    return cfg.loop
+
+
+def effective_config(params, stage: str) -> dict:
+    """The sections a training stage runs with, every value filled in (stage 2's loop after
+    :func:`stage2_loop`): MLflow logs this as the run's params, and its hash names the stage's
+    resume checkpoint folder."""
+    cfg = getattr(params, stage)
+    if stage == "stage2_branches":
+        cfg = replace(cfg, loop=stage2_loop(params))
+    return {"model": to_dict(params.model), stage: to_dict(cfg)}
 
 
 def _validate(model, prepared, progress: bool) -> dict:
@@ -105,11 +126,11 @@ def _finish(ctx: StageContext, stage: str, model, summary: dict, extra_metrics: 
 def run_stage1(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
     from detailfusion.data.prepared import load_prepared
 
-    cfg = load_section(Stage1Config, ctx.params, "stage1_detail", source=str(ctx.params_path))
+    cfg = ctx.params.stage1_detail
     variant = ctx.variant()
     with timings.phase("build_model"):
         model = build_model(ctx.model_section, cfg.loop.seed)
-    run_config = {"model": asdict(ctx.model_section), "stage1_detail": to_dict(cfg)}
+    run_config = effective_config(ctx.params, "stage1_detail")
     ckpt_dir = ctx.checkpoint_dir("stage1_detail", run_config)
     if not variant.stage1 or model.di is None:
         reason = "variant skips stage 1" if not variant.stage1 else "variant has no DI branch"
@@ -136,16 +157,11 @@ def run_stage2(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
     from detailfusion.data.prepared import load_prepared
     from detailfusion.models.io import load_pretrained
 
-    cfg = load_section(Stage2Config, ctx.params, "stage2_branches", source=str(ctx.params_path))
-    s1 = load_section(Stage1Config, ctx.params, "stage1_detail", source=str(ctx.params_path))
-    variant = ctx.variant()
+    cfg = ctx.params.stage2_branches
     with timings.phase("load_model"):
         model = load_pretrained(ctx.models_dir / "stage1" / "model")
-    loop = cfg.loop
-    stage1_ran = variant.stage1 and model.di is not None
-    if cfg.equalize_budget and not stage1_ran:
-        loop = replace(loop, max_steps=loop.max_steps + s1.loop.max_steps)
-    run_config = {"model": asdict(ctx.model_section), "stage2_branches": to_dict(cfg), "effective_steps": loop.max_steps}
+    loop = stage2_loop(ctx.params)  # a variant with stage 1 has a DI branch: stage 1 ran
+    run_config = effective_config(ctx.params, "stage2_branches")
     ckpt_dir = ctx.checkpoint_dir("stage2_branches", run_config)
 
     with timings.phase("load_data"):
@@ -194,11 +210,11 @@ def run_stage3(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
     from detailfusion.data.prepared import load_prepared
     from detailfusion.models.io import load_pretrained
 
-    cfg = load_section(Stage3Config, ctx.params, "stage3_fusion", source=str(ctx.params_path))
-    s2 = load_section(Stage2Config, ctx.params, "stage2_branches", source=str(ctx.params_path))
+    cfg = ctx.params.stage3_fusion
+    s2 = ctx.params.stage2_branches
     with timings.phase("load_model"):
         model = load_pretrained(ctx.models_dir / "stage2" / "model")
-    run_config = {"model": asdict(ctx.model_section), "stage3_fusion": to_dict(cfg)}
+    run_config = effective_config(ctx.params, "stage3_fusion")
     ckpt_dir = ctx.checkpoint_dir("stage3_fusion", run_config)
     with timings.phase("load_data"):
         prepared = load_prepared(ctx.prepared_dir, s2.dataset)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MAX_QUERIES_PER_SET = 15
 MAX_SHARED_FRACTION = 0.3
@@ -34,12 +34,12 @@ class CirrSynthConfig:
     Real CIRR val has 8.3 queries per set and 24 % of its images in more than one set.
     """
 
-    train_queries: int = 6000
-    val_queries: int = 2000
-    test1_queries: int = 500
-    queries_per_set: int = 8
-    two_edit_fraction: float = 0.3
-    shared_fraction: float = 0.24
+    train_queries: int
+    val_queries: int
+    test1_queries: int
+    queries_per_set: int
+    two_edit_fraction: float
+    shared_fraction: float
 
     def validate(self) -> None:
         for name in ("train_queries", "val_queries", "test1_queries"):
@@ -59,10 +59,10 @@ class CirrSynthConfig:
 class FiqSynthConfig:
     """FashionIQ-format garment queries per category and split."""
 
-    train_per_category: int = 1200
-    val_per_category: int = 300
-    test_per_category: int = 150
-    shared_fraction: float = 0.02
+    train_per_category: int
+    val_per_category: int
+    test_per_category: int
+    shared_fraction: float
 
     def validate(self) -> None:
         for name in ("train_per_category", "val_per_category", "test_per_category"):
@@ -74,9 +74,9 @@ class FiqSynthConfig:
 class Ipr2prSynthConfig:
     """IPr2Pr-format (HF parquet) atomic edits."""
 
-    originals: int = 12000
-    edits_per_original: int = 5
-    shards: int = 50
+    originals: int
+    edits_per_original: int
+    shards: int
 
     def validate(self) -> None:
         _positive("ipr2pr.originals", self.originals)
@@ -92,14 +92,15 @@ class Ipr2prSynthConfig:
 
 @dataclass
 class SynthConfig:
-    """Everything the synthetic benchmark generator reads (``params.yaml`` section ``synthesize``)."""
+    """Everything the synthetic benchmark generator reads (``params.yaml`` section ``synthesize``; no
+    defaults here: ``params.yaml`` holds the values)."""
 
-    seed: int = 20261126
-    image_size: int = 64
-    render_scale: int = 2
-    cirr: CirrSynthConfig = field(default_factory=CirrSynthConfig)
-    fashioniq: FiqSynthConfig = field(default_factory=FiqSynthConfig)
-    ipr2pr: Ipr2prSynthConfig = field(default_factory=Ipr2prSynthConfig)
+    seed: int
+    image_size: int
+    render_scale: int
+    cirr: CirrSynthConfig
+    fashioniq: FiqSynthConfig
+    ipr2pr: Ipr2prSynthConfig
 
     def validate(self) -> None:
         for name in ("seed", "image_size", "render_scale"):
