@@ -58,17 +58,19 @@ def replace_dir(tmp: str | Path, out: str | Path) -> None:
         shutil.rmtree(old)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
+def write_text_atomic(path: str | Path, text: str, *, fsync: bool = False) -> Path:
     """Write ``text`` to a temp file beside ``path`` and rename it into place (mode 0644)."""
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, fsync=fsync) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Pretty, key-sorted JSON written atomically (metrics files DVC and MLflow read)."""
-    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def write_json_atomic(path: str | Path, obj: Any, *, sort_keys: bool = True, fsync: bool = False) -> Path:
+    """Pretty JSON written atomically, keys sorted unless ``sort_keys=False`` keeps the object's own
+    order (metrics files DVC and MLflow read; the validation report)."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n"
+    return write_text_atomic(path, text, fsync=fsync)
 
 
 def write_stage_outputs(out_dir: str | Path, summary: dict, metrics_path: str | Path, metrics: dict,

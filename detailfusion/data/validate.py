@@ -20,7 +20,6 @@ the DVC pipeline with a message naming the data set, table, column and offending
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from detailfusion.data.validation.checks import (
 from detailfusion.data.validation.columns import image_frame, query_frame
 from detailfusion.data.validation.gx_runner import TableRun, gx_version, run_suites
 from detailfusion.errors import DataFormatError, ValidationFailed
-from detailfusion.fsutil import atomic_path, replace_dir
+from detailfusion.fsutil import replace_dir, write_json_atomic
 
 REPORT_NAME = "report.json"
 DOCS_NAME = "data_docs"
@@ -112,7 +111,7 @@ def run_validate(cfg: ValidateConfig, prepared: Path, report_dir: Path) -> dict[
         shutil.rmtree(docs_tmp, ignore_errors=True)
     report_path = report_dir / REPORT_NAME
     with timings.phase("write"):
-        _write_json_atomic(report_path, report)
+        write_json_atomic(report_path, report, sort_keys=False, fsync=True)
 
     if not report["success"]:
         raise ValidationFailed(report["summary_text"])
@@ -337,11 +336,3 @@ def _missing_result() -> dict[str, Any]:
 
 def _snake(class_name: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in class_name).lstrip("_")
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    with atomic_path(path, fsync=True) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
