@@ -39,6 +39,10 @@ run: install
 	$(BIN)/dvc repro
 	$(BIN)/dvc status
 
+# Two pytest-xdist workers, one test file each at a time (module fixtures such as the e2e stack stay
+# in one process); the longest files start first (tests/conftest.py). PYTEST_ARGS replaces this.
+PYTEST_ARGS ?= -n 2 --dist loadfile
+
 test: install-test
 	$(BIN)/pytest $(PYTEST_ARGS)
 

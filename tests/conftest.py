@@ -123,3 +123,17 @@ def world_copy(tiny_world, tmp_path) -> dict:
     params = shrink_params(tiny_world["params"], root)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return {"root": root, "params": params, "params_path": root / "params.yaml"}
+
+
+# The longest files first (measured serial durations, longest first), the rest in their usual
+# order: with `pytest -n 2 --dist loadfile` (make test) a worker takes the end-to-end flows file
+# at once while the other one works through the rest, instead of it starting last. Order within a
+# file is kept (module fixtures).
+LONGEST_FIRST = ("test_flows_e2e.py", "test_pipeline.py", "test_ablations.py", "test_train.py",
+                 "test_retrieval_ray.py", "test_tracking.py", "test_pyfunc.py", "test_registry.py",
+                 "test_infra.py", "test_retrieval_services.py", "test_retrieval_job.py", "test_server_down.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
