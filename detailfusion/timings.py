@@ -36,7 +36,7 @@ TIMINGS_DIR = Path("reports") / "timings"
 # Phases that are overhead around the stage's own work (bench/pipeline_time.py splits on this).
 OVERHEAD_PHASES = ("imports", "tracking_start", "tracking_log", "tracking_end")
 # Figures of the training loop's summary that are clock readings, not results.
-RUN_FACT_KEYS = ("seconds", "samples_per_s")
+RUN_FACT_KEYS = ("seconds", "samples_per_s", "resumed_from")  # facts of this run, not results
 # Stage modules imported under the "imports" phase before the stage body runs.
 STAGE_MODULES = {
     "synthesize": ("detailfusion.data.synthetic",),

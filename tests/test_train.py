@@ -136,8 +136,9 @@ def test_resume_after_kill_matches_uninterrupted_run(world_copy):
                           capture_output=True, text=True)
     resumed = json.loads((root / "metrics_b" / "stage2.json").read_text())
     reference = json.loads((root / "metrics" / "stage2.json").read_text())
-    assert resumed["resumed_from"] > 0, done.stderr
-    assert resumed["val"] == reference["val"]
+    timing = json.loads((root / "reports" / "timings" / "stage2_branches.json").read_text())
+    assert timing["info"]["train_resumed_from"] > 0, done.stderr  # a fact of the run, kept out of the output
+    assert resumed == reference  # the whole stage output, final_* loss means and sample count included
     a = load_file(str(root / "models" / "stage2" / "model" / "model.safetensors"))
     b = load_file(str(root / "models_b" / "stage2" / "model" / "model.safetensors"))
     assert a.keys() == b.keys()

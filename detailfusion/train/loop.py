@@ -270,9 +270,14 @@ def run_training(
     # differs per process); a resumed run restores the generator state of its checkpoint instead.
     torch.manual_seed(cfg.seed)
     start = 0
+    history: dict[str, list[float]] = {}
+    samples = 0
     state = load_checkpoint(ckpt_path) if resume else None
     if state is not None:
         start = restore_checkpoint(state, task, optimizer, scheduler)
+        # the summary's final_* means and sample count as if the run had never stopped
+        history = {k: list(v) for k, v in state.get("history_tail", {}).items()}
+        samples = int(state.get("samples", 0))
         if rank == 0:
             log.warning("resuming %s from %s at step %d/%d", task.name, ckpt_path, start, cfg.max_steps)
 
@@ -283,9 +288,8 @@ def run_training(
         )
 
     extra = {"run_config": run_config or {}, "loop": asdict(cfg), "task": task.name}
-    history: dict[str, list[float]] = {}
-    samples = 0
     completed = start  # optimiser steps done, what an interrupted run's checkpoint records
+    samples_before = samples
     t0 = time.perf_counter()
     bar = tqdm(
         total=cfg.max_steps, initial=start, desc=task.name, disable=not progress or rank != 0, dynamic_ncols=True
@@ -300,30 +304,41 @@ def run_training(
             for k, v in logs.items():
                 history.setdefault(k, []).append(v)
             elapsed = time.perf_counter() - t0
-            rate = samples / elapsed if elapsed > 0 else 0.0
+            rate = (samples - samples_before) / elapsed if elapsed > 0 else 0.0
             if rank == 0:
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['loss']:.3f}", sps=f"{rate:.0f}")
                 if on_log is not None and (completed % cfg.log_every == 0 or completed == cfg.max_steps):
                     on_log(completed, {**logs, **group_lrs(optimizer, scheduler), "samples_per_s": rate})
                 if completed % cfg.checkpoint_every == 0 or completed == cfg.max_steps:
-                    save_checkpoint(ckpt_path, task, optimizer, scheduler, completed, extra)
+                    save_checkpoint(ckpt_path, task, optimizer, scheduler, completed,
+                                    _resume_extra(extra, history, samples))
     except KeyboardInterrupt:
         if rank == 0 and completed > start:
-            save_checkpoint(ckpt_path, task, optimizer, scheduler, completed, extra)
+            save_checkpoint(ckpt_path, task, optimizer, scheduler, completed,
+                            _resume_extra(extra, history, samples))
             log.warning("interrupted: checkpoint saved at step %d (%s); rerun to resume", completed, ckpt_path)
         raise
     finally:
         bar.close()
 
     elapsed = time.perf_counter() - t0
-    tail = max(1, min(20, len(history.get("loss", [1]))))
+    tail = max(1, min(FINAL_TAIL, len(history.get("loss", [1]))))
     summary = {
         "steps": cfg.max_steps,
         "resumed_from": start,
         "seconds": round(elapsed, 2),
         "samples": samples,
-        "samples_per_s": round(samples / elapsed, 2) if elapsed > 0 else 0.0,
+        "samples_per_s": round((samples - samples_before) / elapsed, 2) if elapsed > 0 else 0.0,
         **{f"final_{k}": round(sum(v[-tail:]) / len(v[-tail:]), 5) for k, v in history.items() if v},
     }
     return summary
+
+
+FINAL_TAIL = 20  # the summary's final_<output> is the mean of the last FINAL_TAIL steps
+
+
+def _resume_extra(extra: dict, history: dict[str, list[float]], samples: int) -> dict:
+    """What a checkpoint carries besides the training state so that a resumed run's summary equals
+    an uninterrupted one's: the last FINAL_TAIL values of each output and the samples so far."""
+    return {**extra, "history_tail": {k: v[-FINAL_TAIL:] for k, v in history.items()}, "samples": samples}
