@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import params_file
 
 from detailfusion.config import load_section
 from detailfusion.errors import ConfigError, DataFormatError
@@ -99,15 +100,17 @@ def test_repo_root_and_tracking_uri_resolution(tmp_path, monkeypatch):
 
 
 def test_tracking_config_is_strict(tmp_path):
-    params = tmp_path / "params.yaml"
-    params.write_text("tracking:\n  retries: 2\n  experiment: df-{dataset}\n")
+    params = params_file(tmp_path / "params.yaml", "tracking:\n  retries: 2\n  experiment: df-{dataset}\n")
     cfg = load_section(TrackingConfig, params, "tracking")
     assert (cfg.retries, cfg.experiment_name("cirr"), cfg.backoff_s) == (2, "df-cirr", 1.0)
-    params.write_text("tracking:\n  retrys: 2\n")
+    params_file(params, "tracking:\n  retrys: 2\n")
     with pytest.raises(ConfigError, match="unknown key"):
         load_section(TrackingConfig, params, "tracking")
-    params.write_text("tracking:\n  experiment: fixed-name\n")
+    params_file(params, "tracking:\n  experiment: fixed-name\n")
     with pytest.raises(ConfigError, match="must contain"):
+        load_section(TrackingConfig, params, "tracking")
+    params.write_text("tracking:\n  retries: 2\n")
+    with pytest.raises(ConfigError, match=r"tracking: missing required key\(s\) \['enabled'"):
         load_section(TrackingConfig, params, "tracking")
 
 
@@ -354,7 +357,8 @@ def test_external_parent_run_from_env(project, mlflow_sqlite_server, monkeypatch
 STAGE_SCRIPT = textwrap.dedent(
     """
     import sys, yaml
-    from detailfusion.tracking import TrackingConfig, stage_run
+    from detailfusion.params import repo_section
+    from detailfusion.tracking import stage_run
 
     name = sys.argv[1]
     params = yaml.safe_load(open("params.yaml"))
