@@ -141,6 +141,9 @@ def test_parse_exp_show_dvc3_schema():
                {"name": "pipeline-x", "executor": None, "revs": [rev("pipeline-x", "full", {"cirr": _eval(1.0)})]},
                {"name": "abl-no_pretrain_dropped-s1", "executor": None,
                 "revs": [rev("abl-no_pretrain_dropped-s1", "no_pretrain", {"cirr": _eval(3.0)})]},
+               # a run killed mid-way leaves a 'running' temp executor whose data are the baseline's
+               {"name": "abl-gm_only-s0", "executor": {"state": "running", "name": "tempdir", "local": None},
+                "revs": [rev("abl-gm_only-s0", "gm_only", {"cirr": _eval(9.0)})]},
            ]}]
     got = parse_exp_show(doc)
     # the suite entry comes from the name: no_pretrain_dropped runs model.variant no_pretrain

@@ -196,6 +196,8 @@ def parse_exp_show(doc: list[dict], names: list[str] | None = None,
                 continue
             if wanted is None and parse_name(name) is None:
                 continue
+            if (exp.get("executor") or {}).get("state") not in (None, "success"):
+                continue  # queued, running or failed: a killed run leaves a temp executor with the baseline's data
             result = _result_from_rev(name, revs[0], baseline.get("rev"), read_file)
             if result is not None and (name not in found or result["timestamp"] > found[name]["timestamp"]):
                 found[name] = result
