@@ -189,6 +189,7 @@ def cmd_ablations(args: argparse.Namespace) -> int:
     if Path(args.params).resolve() != (repo / "params.yaml").resolve():
         raise ConfigError(f"--params {args.params}: ablations run DVC experiments of {repo / 'params.yaml'}; "
                           "run from the repository and leave --params at its default")
+    args.config = _load_config(args)  # every experiment starts from this file: a bad value stops the suite here
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
@@ -305,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # every command but `data stats` reads params.yaml: all of it is checked here, once, before
-        # any data is read or any output (timings included) is written
-        args.config = None if args.func is cmd_data_stats else _load_config(args)
+        # any data is read or any output (timings included) is written (`ablations` first checks that
+        # --params is the repository's file, then loads it)
+        args.config = None if args.func in (cmd_data_stats, cmd_ablations) else _load_config(args)
         with stage_timer(args):  # reports/timings/<stage>.json for the pipeline stages (not a DVC output)
             return int(args.func(args) or 0)
     except DetailFusionError as exc:
