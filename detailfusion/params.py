@@ -14,12 +14,11 @@ stage code), so loading the file stays quick.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from detailfusion.config import REPO_PARAMS, from_dict, load_params
+from detailfusion.config import REPO_PARAMS, from_dict, load_params, repo_default
 from detailfusion.data.config import DataSection, PrepareConfig, ValidateConfig
 from detailfusion.data.synthetic.config import SynthConfig
 from detailfusion.errors import ConfigError
@@ -88,19 +87,11 @@ def load_config(path: str | Path = "params.yaml") -> Params:
     return params_from_mapping(load_params(path), str(path))
 
 
-@functools.lru_cache(maxsize=1)
-def _repo_params() -> Params:
-    if not REPO_PARAMS.is_file():
-        raise ConfigError(f"{REPO_PARAMS}: params file not found (pass the section's config explicitly)")
-    return load_config(REPO_PARAMS)
-
-
 def repo_section(name: str, **overrides: Any) -> Any:
-    """Section ``name`` of the checkout's ``params.yaml``, with ``overrides`` replaced (a fresh copy).
-
-    For tests and scripts that need one section's values without a params file of their own."""
-    if name not in Params.sections():
-        raise ConfigError(f"{REPO_PARAMS}: {name}: unknown section")
-    import copy
-
-    return dataclasses.replace(copy.deepcopy(getattr(_repo_params(), name)), **overrides)
+    """Section ``name`` of the checkout's ``params.yaml`` (:func:`detailfusion.config.repo_default`),
+    with ``overrides`` replaced: for tests and scripts that need one section's values without a
+    params file of their own."""
+    sections = Params.sections()
+    if name not in sections:
+        raise ConfigError(f"{REPO_PARAMS}: {name}: unknown section; allowed: {list(sections)}")
+    return dataclasses.replace(repo_default(sections[name], name), **overrides)
