@@ -233,6 +233,7 @@ def case_embed(spec: dict) -> dict:
     import torch
 
     from detailfusion.models import create_model
+    from detailfusion.params import repo_section
     from detailfusion.retrieval.embed import embed_gallery, encode_images, pixels_from_bytes
 
     torch.manual_seed(0)
@@ -240,6 +241,7 @@ def case_embed(spec: dict) -> dict:
     dtype = torch.bfloat16 if dev.type == "cuda" else None
     model = create_model(spec["config"]).to(dev).eval()
     size, n, batch = model.image_size, spec["images"], spec["batch"]
+    ratio = repo_section("prepare").target_ratio  # the pipeline's targetpad ratio
     rng = np.random.default_rng(0)
     if spec["source"] == "cache":
         pixels = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
@@ -264,12 +266,12 @@ def case_embed(spec: dict) -> dict:
         def run():
             out = []
             for s in range(0, n, batch):
-                raw = np.stack([pixels_from_bytes(p.read_bytes(), size, 1.25, source=str(p)) for p in paths[s : s + batch]])
+                raw = np.stack([pixels_from_bytes(p.read_bytes(), size, ratio, source=str(p)) for p in paths[s : s + batch]])
                 out.append(encode_images(model, raw, dtype=dtype))
             return torch.cat(out)
 
         run_small = paths[:batch]
-        encode_images(model, np.stack([pixels_from_bytes(p.read_bytes(), size, 1.25) for p in run_small]), dtype=dtype)
+        encode_images(model, np.stack([pixels_from_bytes(p.read_bytes(), size, ratio) for p in run_small]), dtype=dtype)
         spec["mean_file_kb"] = round(float(np.mean([len(b) for b in blobs])) / 1024, 1)
     seconds, emb = _timed(run, spec["repeats"])
     assert emb.shape == (n, model.embed_dim)
