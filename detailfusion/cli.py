@@ -182,7 +182,7 @@ def cmd_ablations(args: argparse.Namespace) -> int:
     """The ablation suite as DVC experiments (detailfusion.experiments.runner); exit 1 if a run failed."""
     from detailfusion.errors import ConfigError
     from detailfusion.experiments.ablations import markdown_table
-    from detailfusion.experiments.runner import run_suite
+    from detailfusion.experiments.runner import collect_suite, run_suite
     from detailfusion.tracking.config import find_repo_root as dvc_root
 
     repo = dvc_root(Path.cwd())
@@ -198,9 +198,18 @@ def cmd_ablations(args: argparse.Namespace) -> int:
     extra: dict[str | None, list[str]] = {None: _key_values(args.set or [], "--set")}
     for variant, item in args.set_for or []:
         extra.setdefault(variant, []).extend(_key_values([item], f"--set-for {variant}"))
-    result = run_suite(repo, variants=variants, seeds=seeds, budget_scale=args.budget_scale, extra_params=extra,
-                       summary_path=args.summary, table_path=args.table, log_dir=args.logs, push=args.push,
-                       parent_run_id=args.parent_run_id, rerun=args.rerun, echo=not args.quiet)  # fmt: skip
+    if args.collect:
+        ignored = [flag for flag, given in (("--set", args.set), ("--set-for", args.set_for), ("--rerun", args.rerun),
+                                            ("--push", args.push), ("--budget-scale", args.budget_scale != 1.0))
+                   if given]  # fmt: skip
+        if ignored:
+            raise ConfigError(f"--collect runs nothing, so {', '.join(ignored)} would be ignored; drop them")
+        result = collect_suite(repo, variants=variants, seeds=seeds, summary_path=args.summary, table_path=args.table,
+                               parent_run_id=args.parent_run_id)  # fmt: skip
+    else:
+        result = run_suite(repo, variants=variants, seeds=seeds, budget_scale=args.budget_scale, extra_params=extra,
+                           summary_path=args.summary, table_path=args.table, log_dir=args.logs, push=args.push,
+                           parent_run_id=args.parent_run_id, rerun=args.rerun, echo=not args.quiet)  # fmt: skip
     print(markdown_table(result.summary, result.failed))
     print(f"experiments: {', '.join(result.experiments)} (dvc exp show --only-changed)")
     if result.parent_run_id:
@@ -292,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerun", action="store_true",
                    help="run every experiment again (default: reuse a finished one with the same params)")
     p.add_argument("--push", metavar="GIT_REMOTE", help="dvc exp push each finished experiment to this git remote")
+    p.add_argument("--collect", action="store_true",
+                   help="run nothing: summarise the suite's finished experiments of any commit (newest per name; "
+                        "pulled ones too) into --summary/--table and a new MLflow parent; missing ones fail")
     p.add_argument("--parent-run-id", help="nest the runs under this MLflow run (default: "
                    "$DETAILFUSION_PIPELINE_RUN_ID, else a new 'ablation-suite' run)")
     p.set_defaults(func=cmd_ablations)

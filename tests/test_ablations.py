@@ -235,6 +235,15 @@ def test_suite_as_dvc_experiments_one_variant_failing(repo, tmp_path):  # noqa: 
     exp = collect_from_dvc(root, ["abl-gm_only-s0"], dvc=str(BIN / "dvc"))["abl-gm_only-s0"]  # eval.json read from the exp commit
     assert exp["variant"] == "gm_only" and exp["baselines"]
     assert exp["metrics"]["R@1"] == pytest.approx(summary["variants"]["gm_only"]["R@1"], abs=1e-3)
+    # --collect runs nothing and summarises the finished experiments of any commit; a missing one fails
+    collected = _run(["detailfusion", "ablations", "--collect", "--variants", "gm_only,di_only", "--seeds", "0",
+                      "--summary", "metrics/collected.json", "--table", "reports/collected.md"], root, env, check=False)
+    assert collected.returncode == 1 and "abl-di_only-s0: no finished experiment" in collected.stderr, collected.stderr
+    doc = json.loads((root / "metrics" / "collected.json").read_text())
+    assert doc["variants"] == summary["variants"] and doc["runs"]["abl-gm_only-s0"]["status"] == "collected"
+    assert doc["runs"]["abl-gm_only-s0"]["baseline"] == _run(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
+    bad = _run(["detailfusion", "ablations", "--collect", "--rerun"], root, env, check=False)
+    assert bad.returncode == 2 and "--collect runs nothing, so --rerun would be ignored" in bad.stderr
     # a fresh clone sees it after dvc exp pull (pushed by the suite)
     clone = tmp_path / "clone"
     _run(["git", "clone", "-q", "-b", "main", str(tmp_path / "origin.git"), str(clone)], tmp_path, env)

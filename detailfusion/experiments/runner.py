@@ -227,13 +227,42 @@ def _run_all(repo: Path, runs: list[AblationRun], set_args: dict[str, list[str]]
         print(f"[{i}/{len(runs)}] {run.name}: {status} ({time.monotonic() - started:.0f} s)", file=sys.stderr)
 
 
+def collect_suite(repo_dir: str | Path, variants: list[str] | None = None, seeds: list[int] | None = None, *,
+                  summary_path: str | Path = "metrics/ablations.json", table_path: str | Path = "reports/ablations.md",
+                  parent_run_id: str | None = None, dvc: str | None = None) -> SuiteResult:
+    """Run nothing: summarise the suite's experiments that finished at ANY commit of ``repo_dir``
+    (the newest of each name; e.g. pulled from GPU workers with ``dvc exp pull``, or run at
+    earlier commits whose stage code is the same), write the summary JSON and table and log them
+    to a new MLflow parent. Each run's baseline commit is in the summary; a planned name with no
+    finished experiment is reported as missing."""
+    from detailfusion.experiments.tracking import log_suite_summary, suite_parent, tracking_config
+    from detailfusion.tracking.stages import pipeline_dataset
+
+    repo = Path(repo_dir).resolve()
+    dvc = dvc or dvc_executable()
+    params_path = repo / "params.yaml"
+    params = load_params(params_path)
+    runs = plan(variants, seeds)
+    results = collect_from_dvc(repo, [r.name for r in runs], all_commits=True, dvc=dvc)
+    missing = {r.name: "no finished experiment of this name at any commit" for r in runs if r.name not in results}
+    cfg = tracking_config(params, str(params_path))
+    parent = None
+    if cfg is not None:
+        parent = suite_parent(cfg, pipeline_dataset(params, str(params_path)), run_id=parent_run_id,
+                              repo_root=repo)  # fmt: skip
+    return _finish(repo, runs, results, missing, list(results), summary_path, table_path, parent, log_suite_summary,
+                   found_label="collected")
+
+
 def _finish(repo: Path, runs: list[AblationRun], results: dict, failed: dict[str, str], reused: list[str],
-            summary_path, table_path, parent, log_summary) -> SuiteResult:
+            summary_path, table_path, parent, log_summary, found_label: str = "reused") -> SuiteResult:
     summary = summarize(results)
     doc = {
         "variants": summary,
-        "runs": {r.name: {"variant": r.variant, "seed": r.seed, "status": "failed" if r.name in failed else "reused" if r.name in reused else "ok",
-                          **({"error": failed[r.name]} if r.name in failed else {"rev": results[r.name]["rev"]})}
+        "runs": {r.name: {"variant": r.variant, "seed": r.seed,
+                          "status": "failed" if r.name in failed else found_label if r.name in reused else "ok",
+                          **({"error": failed[r.name]} if r.name in failed else
+                             {"rev": results[r.name]["rev"], "baseline": results[r.name]["baseline"]})}
                  for r in runs},
         "parent_run_id": parent.run_id if parent is not None else None,
     }
