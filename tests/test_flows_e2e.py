@@ -324,7 +324,7 @@ def test_ablations_one_variant_fails_others_complete(stack, started):
     ok, bad = f"{prefix}-gm_only-s0", f"{prefix}-full-s0"
     logs = stack.logs([run_id])
     assert f"variant {bad} failed" in logs and "1 of 2 runs failed" in logs, logs[-3000:]
-    assert "batch_size must be >= 2" in stack.logs([c["id"] for c in stack.children(run_id)])
+    assert "params.yaml: stage1_detail.loop.batch_size: must be >= 2" in stack.logs([c["id"] for c in stack.children(run_id)])
 
     # the surviving variant is a DVC experiment any clone can list, with its evaluation metrics
     assert _exp_name(stack, prefix) == [ok]
