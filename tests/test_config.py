@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, merge_params
 
 from detailfusion.config import load_params, load_section
 from detailfusion.errors import ConfigError
@@ -27,16 +27,7 @@ def test_scientific_notation_reads_as_numbers(tmp_path):
 
 def _real_with(tmp_path, **sections):
     """params.yaml with some sections' keys replaced (nested mappings merge)."""
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-
-    def merge(into: dict, new: dict) -> None:
-        for key, value in new.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = value
-
-    merge(params, sections)
+    params = merge_params(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), sections)
     return _write(tmp_path, yaml.safe_dump(params, sort_keys=False))
 
 
