@@ -205,11 +205,12 @@ def cmd_ablations(args: argparse.Namespace) -> int:
         if ignored:
             raise ConfigError(f"--collect runs nothing, so {', '.join(ignored)} would be ignored; drop them")
         result = collect_suite(repo, variants=variants, seeds=seeds, summary_path=args.summary, table_path=args.table,
-                               parent_run_id=args.parent_run_id)  # fmt: skip
+                               parent_run_id=args.parent_run_id, prefix=args.prefix)  # fmt: skip
     else:
         result = run_suite(repo, variants=variants, seeds=seeds, budget_scale=args.budget_scale, extra_params=extra,
                            summary_path=args.summary, table_path=args.table, log_dir=args.logs, push=args.push,
-                           parent_run_id=args.parent_run_id, rerun=args.rerun, echo=not args.quiet)  # fmt: skip
+                           parent_run_id=args.parent_run_id, rerun=args.rerun, echo=not args.quiet,
+                           prefix=args.prefix)  # fmt: skip
     print(markdown_table(result.summary, result.failed))
     print(f"experiments: {', '.join(result.experiments)} (dvc exp show --only-changed)")
     if result.parent_run_id:
@@ -298,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra params.yaml override (dvc exp run -S) for every variant; repeatable")
     p.add_argument("--set-for", action="append", nargs=2, metavar=("VARIANT", "KEY=VALUE"),
                    help="extra params.yaml override for one variant only; repeatable")
+    p.add_argument("--prefix", default="abl",
+                   help="experiment names <prefix>-<variant>-s<seed> (default: abl); another prefix keeps a tuning "
+                        "sweep (--set) apart from the suite's own runs")
     p.add_argument("--rerun", action="store_true",
                    help="run every experiment again (default: reuse a finished one with the same params)")
     p.add_argument("--push", metavar="GIT_REMOTE", help="dvc exp push each finished experiment to this git remote")

@@ -285,6 +285,19 @@ def test_suite_as_dvc_experiments_one_variant_failing(repo, tmp_path):  # noqa: 
     assert rerun["runs"]["abl-gm_only-s0"] == {**summary["runs"]["abl-gm_only-s0"], "status": "reused"}
     assert rerun["variants"]["gm_only"] == summary["variants"]["gm_only"]
 
+    # a tuning sweep under its own prefix runs beside the suite's experiments, never replacing them
+    sweep = _run(["detailfusion", "ablations", "--prefix", "tune-lrb", "--variants", "gm_only", "--seeds", "0",
+                  "--set", "stage2_branches.loop.lr_backbone=0.0003", "--summary", "metrics/tune.json",
+                  "--table", "reports/tune.md"], root, env, check=False)  # fmt: skip
+    assert sweep.returncode == 0, sweep.stdout + sweep.stderr
+    assert "reusing" not in sweep.stderr
+    tuned = json.loads((root / "metrics" / "tune.json").read_text())
+    assert list(tuned["runs"]) == ["tune-lrb-gm_only-s0"] and tuned["runs"]["tune-lrb-gm_only-s0"]["status"] == "ok"
+    both = collect_from_dvc(root, ["abl-gm_only-s0", "tune-lrb-gm_only-s0"], dvc=str(BIN / "dvc"))
+    assert both["abl-gm_only-s0"]["metrics"] == exp["metrics"]  # the suite's run is still there, unchanged
+    shown = _run(["dvc", "exp", "show", "--json"], root, env).stdout
+    assert "0.0003" in shown  # the sweep's override is in its experiment's params
+
 
 def test_suite_parent_and_summary_in_mlflow(tmp_path):
     """The suite's parent run (a local store): summary metrics, tags, files, FAILED when a run

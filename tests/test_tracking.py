@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import params_file
@@ -33,6 +34,7 @@ from detailfusion.tracking import (
     stage_run,
 )
 from detailfusion.tracking.replay import replay_offline_record
+from detailfusion.tracking.runs import schema_sample
 
 pytest_plugins = ["services"]
 
@@ -112,6 +114,28 @@ def test_tracking_config_is_strict(tmp_path):
     params.write_text("tracking:\n  retries: 2\n")
     with pytest.raises(ConfigError, match=r"tracking: missing required key\(s\) \['enabled'"):
         load_section(TrackingConfig, params, "tracking")
+
+
+def test_schema_sample_gives_the_whole_tables_schema():
+    """A logged manifest's schema comes from a row sample (MLflow walks every list element
+    otherwise); it must equal the schema of every row, optional columns included."""
+    import mlflow
+
+    n = 5000
+    df = pd.DataFrame({
+        "query_id": [f"q{i}" for i in range(n)],
+        "members": [[f"img-{i}", f"img-{i + 1}"] for i in range(n)],
+        "target": [f"t{i}" if i != n - 7 else None for i in range(n)],  # one missing value, far from the head
+        "pairid": np.arange(n, dtype=float),
+    })
+    sample = schema_sample(df, rows=100)
+    assert 100 <= len(sample) <= 101 and n - 7 in set(sample.index)
+
+    def schema(frame):
+        return mlflow.data.from_pandas(frame, source="/q.parquet", name="q", digest="d")._to_mlflow_entity().schema
+
+    assert schema(sample) == schema(df) != schema(df.head(100))
+    assert len(schema_sample(df.head(50), rows=100)) == 50
 
 
 def test_metric_keys_and_frame_digest():
@@ -324,6 +348,8 @@ def test_stage_runs_params_lineage_inputs_metrics_artifacts(project, mlflow_sqli
     assert ds_input.dataset.name == "synthetic-cirr" and ds_input.dataset.digest == digest == frame_digest(manifest)
     assert "data/prepared/cirr/queries.parquet" in ds_input.dataset.source
     assert {t.key: t.value for t in ds_input.tags}["mlflow.data.context"] == "training"
+    assert json.loads(ds_input.dataset.profile) == {"num_rows": len(manifest), "num_elements": int(manifest.size)}
+    assert "caption" in ds_input.dataset.schema
 
     assert client.get_run(failing.run_id).info.status == "FAILED"
     assert not (project / cfg.offline_record).exists()

@@ -33,6 +33,7 @@ import yaml
 from detailfusion.config import flatten, load_params
 from detailfusion.errors import ConfigError
 from detailfusion.experiments.ablations import (
+    NAME_PREFIX,
     AblationRun,
     DvcError,
     collect_from_dvc,
@@ -139,21 +140,21 @@ def run_suite(repo_dir: str | Path = ".", *, variants: list[str] | None = None, 
               summary_path: str | Path = "metrics/ablations.json", table_path: str | Path = "reports/ablations.md",
               log_dir: str | Path = "reports/ablation_logs", push: str | None = None,
               parent_run_id: str | None = None, rerun: bool = False, echo: bool = True,
-              dvc: str | None = None) -> SuiteResult:
+              dvc: str | None = None, prefix: str = NAME_PREFIX) -> SuiteResult:
     """Run every planned experiment, collect their metrics from DVC, write the summary JSON and
     table and log them to the MLflow parent. ``extra_params``: more ``-S key=value`` for every
     run (key None) or for one variant (key = variant name). ``push``: a git remote to
     ``dvc exp push`` each finished experiment to. An experiment of the same name at this baseline
-    that finished with the same params is reused (resume) unless ``rerun``. Paths are relative to
-    ``repo_dir``."""
-    from detailfusion.experiments.tracking import log_suite_summary, suite_parent, tracking_config
-    from detailfusion.tracking.stages import pipeline_dataset
+    that finished with the same params is reused (resume) unless ``rerun``. ``prefix`` names the
+    experiments ``<prefix>-<variant>-s<seed>``: a tuning sweep (``--set`` with another prefix) never
+    replaces the suite's own ``abl-*`` runs. Paths are relative to ``repo_dir``."""
+    from detailfusion.experiments.tracking import log_suite_summary
 
     repo = Path(repo_dir).resolve()
     dvc = dvc or dvc_executable()
     params_path = repo / "params.yaml"
     params = load_params(params_path)
-    runs = plan(variants, seeds)
+    runs = plan(variants, seeds, prefix=prefix)
     extra = extra_params or {}
     bad = sorted(k for k in extra if k is not None and k not in {r.variant for r in runs})
     if bad:
@@ -175,12 +176,7 @@ def run_suite(repo_dir: str | Path = ".", *, variants: list[str] | None = None, 
         if done.returncode:
             raise DvcError(f"dvc exp remove {' '.join(stale)} failed: {error_lines(done.stdout + done.stderr)}")
 
-    dataset = pipeline_dataset(params, str(params_path))
-    cfg = tracking_config(params, str(params_path))
-    parent = None
-    if cfg is not None:
-        parent = suite_parent(cfg, dataset, run_id=parent_run_id or os.environ.get(PIPELINE_RUN_ENV) or None,
-                              repo_root=repo)  # fmt: skip
+    parent = _open_parent(repo, params, params_path, parent_run_id or os.environ.get(PIPELINE_RUN_ENV) or None)
     env = dict(os.environ)
     # the stages' `detailfusion` commands, also when this venv is not activated
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -229,29 +225,37 @@ def _run_all(repo: Path, runs: list[AblationRun], set_args: dict[str, list[str]]
 
 def collect_suite(repo_dir: str | Path, variants: list[str] | None = None, seeds: list[int] | None = None, *,
                   summary_path: str | Path = "metrics/ablations.json", table_path: str | Path = "reports/ablations.md",
-                  parent_run_id: str | None = None, dvc: str | None = None) -> SuiteResult:
+                  parent_run_id: str | None = None, dvc: str | None = None,
+                  prefix: str = NAME_PREFIX) -> SuiteResult:
     """Run nothing: summarise the suite's experiments that finished at ANY commit of ``repo_dir``
     (the newest of each name; e.g. pulled from GPU workers with ``dvc exp pull``, or run at
     earlier commits whose stage code is the same), write the summary JSON and table and log them
     to a new MLflow parent. Each run's baseline commit is in the summary; a planned name with no
     finished experiment is reported as missing."""
-    from detailfusion.experiments.tracking import log_suite_summary, suite_parent, tracking_config
-    from detailfusion.tracking.stages import pipeline_dataset
+    from detailfusion.experiments.tracking import log_suite_summary
 
     repo = Path(repo_dir).resolve()
     dvc = dvc or dvc_executable()
     params_path = repo / "params.yaml"
     params = load_params(params_path)
-    runs = plan(variants, seeds)
+    runs = plan(variants, seeds, prefix=prefix)
     results = collect_from_dvc(repo, [r.name for r in runs], all_commits=True, dvc=dvc)
     missing = {r.name: "no finished experiment of this name at any commit" for r in runs if r.name not in results}
-    cfg = tracking_config(params, str(params_path))
-    parent = None
-    if cfg is not None:
-        parent = suite_parent(cfg, pipeline_dataset(params, str(params_path)), run_id=parent_run_id,
-                              repo_root=repo)  # fmt: skip
+    parent = _open_parent(repo, params, params_path, parent_run_id)
     return _finish(repo, runs, results, missing, list(results), summary_path, table_path, parent, log_suite_summary,
                    found_label="collected")
+
+
+def _open_parent(repo: Path, params, params_path: Path, run_id: str | None):
+    """The suite's MLflow parent run (``run_id``: an existing run to log under), or None when
+    params.yaml turns tracking off."""
+    from detailfusion.experiments.tracking import suite_parent, tracking_config
+    from detailfusion.tracking.stages import pipeline_dataset
+
+    cfg = tracking_config(params, str(params_path))
+    if cfg is None:
+        return None
+    return suite_parent(cfg, pipeline_dataset(params, str(params_path)), run_id=run_id, repo_root=repo)
 
 
 def _finish(repo: Path, runs: list[AblationRun], results: dict, failed: dict[str, str], reused: list[str],

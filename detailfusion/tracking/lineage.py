@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,13 +75,19 @@ def data_dvc_hash(root: Path, dvc_file: str = "data.dvc") -> str:
 
 
 def prefect_flow_run_id() -> str | None:
-    """The id of the Prefect flow run we are inside, if any (context first, then the env var)."""
-    try:
-        from prefect.runtime import flow_run
+    """The id of the Prefect flow run we are inside, if any (context first, then the env var).
 
-        run_id = flow_run.id
-    except Exception:  # prefect absent or its runtime unusable here: fall back to the env var
-        run_id = None
+    Prefect's runtime context only exists in a process that already imported prefect (code
+    running in a flow); the stage commands the flows start get the id in ``PREFECT__FLOW_RUN_ID``.
+    So prefect is not imported here for it (that import costs every stage process seconds)."""
+    run_id = None
+    if "prefect" in sys.modules:
+        try:
+            from prefect.runtime import flow_run
+
+            run_id = flow_run.id
+        except Exception:  # its runtime unusable here: fall back to the env var
+            run_id = None
     return str(run_id) if run_id else os.environ.get("PREFECT__FLOW_RUN_ID") or None
 
 

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -270,13 +271,13 @@ def run_training(
     # differs per process); a resumed run restores the generator state of its checkpoint instead.
     torch.manual_seed(cfg.seed)
     start = 0
-    history: dict[str, list[float]] = {}
+    history: dict[str, deque[float]] = {}  # the last FINAL_TAIL values of each output
     samples = 0
     state = load_checkpoint(ckpt_path) if resume else None
     if state is not None:
         start = restore_checkpoint(state, task, optimizer, scheduler)
         # the summary's final_* means and sample count as if the run had never stopped
-        history = {k: list(v) for k, v in state.get("history_tail", {}).items()}
+        history = {k: deque(v, maxlen=FINAL_TAIL) for k, v in state.get("history_tail", {}).items()}
         samples = int(state.get("samples", 0))
         if rank == 0:
             log.warning("resuming %s from %s at step %d/%d", task.name, ckpt_path, start, cfg.max_steps)
@@ -302,7 +303,7 @@ def run_training(
             completed = step + 1
             samples += n
             for k, v in logs.items():
-                history.setdefault(k, []).append(v)
+                history.setdefault(k, deque(maxlen=FINAL_TAIL)).append(v)
             elapsed = time.perf_counter() - t0
             rate = (samples - samples_before) / elapsed if elapsed > 0 else 0.0
             if rank == 0:
@@ -323,14 +324,13 @@ def run_training(
         bar.close()
 
     elapsed = time.perf_counter() - t0
-    tail = max(1, min(FINAL_TAIL, len(history.get("loss", [1]))))
     summary = {
         "steps": cfg.max_steps,
         "resumed_from": start,
         "seconds": round(elapsed, 2),
         "samples": samples,
         "samples_per_s": round((samples - samples_before) / elapsed, 2) if elapsed > 0 else 0.0,
-        **{f"final_{k}": round(sum(v[-tail:]) / len(v[-tail:]), 5) for k, v in history.items() if v},
+        **{f"final_{k}": round(sum(v) / len(v), 5) for k, v in history.items() if v},
     }
     return summary
 
@@ -338,7 +338,7 @@ def run_training(
 FINAL_TAIL = 20  # the summary's final_<output> is the mean of the last FINAL_TAIL steps
 
 
-def _resume_extra(extra: dict, history: dict[str, list[float]], samples: int) -> dict:
+def _resume_extra(extra: dict, history: dict[str, deque[float]], samples: int) -> dict:
     """What a checkpoint carries besides the training state so that a resumed run's summary equals
     an uninterrupted one's: the last FINAL_TAIL values of each output and the samples so far."""
-    return {**extra, "history_tail": {k: v[-FINAL_TAIL:] for k, v in history.items()}, "samples": samples}
+    return {**extra, "history_tail": {k: list(v) for k, v in history.items()}, "samples": samples}
