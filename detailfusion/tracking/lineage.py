@@ -87,7 +87,7 @@ def prefect_flow_run_id() -> str | None:
 
             run_id = flow_run.id
         except Exception:  # its runtime unusable here: fall back to the env var
-            run_id = None
+            pass
     return str(run_id) if run_id else os.environ.get("PREFECT__FLOW_RUN_ID") or None
 
 

@@ -288,9 +288,9 @@ class StageRun:
             # (see schema_sample), while the digest and the profile (rows, elements) cover the
             # whole table.
             dataset = mlflow.data.from_pandas(schema_sample(df), source=source, name=name, digest=digest)
-            head = dataset._to_mlflow_entity()
-        entity = DatasetEntity(name=head.name, digest=digest, source_type=head.source_type, source=head.source,
-                               schema=head.schema,
+            sampled = dataset._to_mlflow_entity()  # name, source and schema, from the sample
+        entity = DatasetEntity(name=sampled.name, digest=digest, source_type=sampled.source_type,
+                               source=sampled.source, schema=sampled.schema,
                                profile=json.dumps({"num_rows": len(df), "num_elements": int(df.size)}))
         inputs = [DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])]
         if not self._send(f"log input {name}", self.session.client.log_inputs, run_id, datasets=inputs) and not on_parent:
