@@ -13,9 +13,9 @@ A failing run is reported with its error (and its full output in ``<logs>/<name>
 loses none of the others. Rerunning the suite (e.g. after an interruption) reuses each
 experiment of the same name at the same baseline that finished with the same params, and
 replaces the others (``--rerun`` replaces all). Inside an experiment, a stage whose deps and
-params match the baseline's ``dvc.lock`` is skipped (the data stages and, unless the variant
-touches it, the pretrained backbone); ``validate`` and ``evaluate``, whose outputs are not
-cached, run each time. DVC's run cache does not help across experiments here: it skips every
+params match the baseline's ``dvc.lock`` is skipped (the data stages, the pretrained backbone,
+and any training stage the run's overrides leave as it is); ``validate`` and ``evaluate``, whose
+outputs are not cached, run each time. DVC's run cache does not help across experiments here: it skips every
 stage with an uncached output, and each training stage writes its metrics file uncached (so that
 git tracks it), so two experiments with the same params both train.
 """
