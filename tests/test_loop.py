@@ -156,6 +156,38 @@ def test_freeze_untrained_is_explicit_and_build_optimizer_keeps_groups():
         build_optimizer([{"params": [w], "name": "a"}, {"params": [b], "name": "a"}], cfg)
 
 
+def test_multi_tensor_adamw_matches_the_per_parameter_loop():
+    """build_optimizer uses the foreach update on the CPU too; it must give bitwise the loop's
+    parameters (decay and no-decay groups, two learning rates, warm-up/cosine schedule, clipping),
+    so switching it on changed no committed result. Tensors large enough for vectorised kernels
+    (the fused update, for one, differs in the last bits at these sizes)."""
+    cfg = _cfg(max_steps=6, grad_clip=0.5)
+    runs = []
+    for make in (lambda groups: build_optimizer(groups, cfg),
+                 lambda groups: torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), foreach=False)):
+        torch.manual_seed(0)
+        body = nn.Linear(129, 257)
+        head = nn.Embedding(1000, 64)
+        groups = param_groups({"body": (list(body.named_parameters()), cfg.lr_backbone),
+                               "head": (list(head.named_parameters(prefix="embedding")), cfg.lr)}, cfg.weight_decay)
+        params = [p for g in groups for p in g["params"]]
+        opt = make(groups)
+        sched = build_scheduler(opt, cfg)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(cfg.max_steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+        runs.append((opt.defaults["foreach"], [p.detach().clone() for p in params]))
+    (foreach, got), (_, want) = runs
+    assert foreach is True
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    torch.manual_seed(0)
+    assert not torch.equal(got[0], nn.Linear(129, 257).weight)  # it trained
+
+
 # --------------------------------------------------------------------------- schedules
 
 

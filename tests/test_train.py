@@ -3,6 +3,7 @@ and resume-after-kill giving the same model as an uninterrupted run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -46,6 +47,37 @@ def test_patch_mask_same_count_per_row():
 def test_fiq_training_caption_four_ways():
     outs = {fiq_training_caption(" is red.", "has long sleeves", r) for r in (0.1, 0.3, 0.6, 0.9)}
     assert outs == {"Is red and has long sleeves", "Has long sleeves and is red", "Is red", "Has long sleeves"}
+
+
+def test_stage3_cache_embeds_each_gallery_image_once_with_the_same_vectors(tiny_world):
+    """The stage-3 cache embeds each distinct target/negative image once; its rows must be the
+    vectors one gets by embedding every (query, slot) occurrence, padding slots zero."""
+    import torch
+
+    from detailfusion.data.pixels import gather_pixels
+    from detailfusion.data.prepared import load_prepared
+    from detailfusion.models import create_model, get_model_config
+    from detailfusion.retrieval.embed import encode_images
+    from detailfusion.train.data import build_triplets
+    from detailfusion.train.stages import cache_branch_outputs
+
+    prepared = load_prepared(Path(tiny_world["params"]["prepare"]["out"]), "cirr")
+    triplets = build_triplets(prepared, "train")
+    negs = triplets.negatives.copy()
+    negs[::3, 2:] = -1  # sets smaller than the slots (real CIRR sets have 6 members, some fewer)
+    triplets = dataclasses.replace(triplets, negatives=negs)
+    torch.manual_seed(0)
+    model = create_model(get_model_config("tiny"), variant="full")
+    cache = cache_branch_outputs(model, triplets, prepared.pixels, batch_size=64, progress=False)
+    assert len(np.unique(np.concatenate([triplets.target, negs[negs >= 0]]))) < negs.size / 2  # images recur
+    want_target = encode_images(model, gather_pixels(prepared.pixels, triplets.target))
+    flat = encode_images(model, gather_pixels(prepared.pixels, np.where(negs >= 0, negs, 0).reshape(-1)))
+    want_negs = flat.view(*negs.shape, -1) * torch.from_numpy(negs >= 0).unsqueeze(-1).float()
+    # the same vectors (bitwise on the machines measured; a BLAS may round a last bit by batch size)
+    torch.testing.assert_close(cache["target"], want_target, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cache["negatives"], want_negs, rtol=0, atol=1e-6)
+    assert (cache["negatives"][::3, 2:] == 0).all()  # padding slots are zero vectors
+    assert cache["gm"].shape == (len(triplets), model.embed_dim)
 
 
 def _run_all_stages(world: dict, models: Path, metrics: Path) -> dict:

@@ -183,27 +183,40 @@ def run_stage2(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
 
 
 def cache_branch_outputs(model, triplets, pixels, batch_size: int = 256, progress: bool = True) -> dict:
-    """Frozen branch outputs + target/negative embeddings for every triplet (stage 3's input)."""
+    """Frozen branch outputs + target/negative embeddings for every triplet (stage 3's input).
+
+    Targets and negatives are gallery images that recur: every member of a set is the target
+    or a hard negative of several queries. Each distinct image is embedded once and the rows
+    index into those embeddings (the encoder is row-wise, so this gives the same vectors as
+    embedding every occurrence; ``tests/test_train.py`` checks it), several times fewer images
+    than one per (query, negative) slot.
+    """
     from tqdm.auto import tqdm
 
     from detailfusion.data.pixels import gather_pixels
-    from detailfusion.retrieval.embed import BRANCH_KEYS, encode_images, encode_queries
+    from detailfusion.retrieval.embed import BRANCH_KEYS, embed_gallery, encode_queries
 
     model.eval()
     tokens = model.tokenize(triplets.texts)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in (*BRANCH_KEYS, "target", "negatives")}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in BRANCH_KEYS}
     for s in tqdm(range(0, len(triplets), batch_size), desc="cache branches", disable=not progress):
         rows = np.arange(s, min(s + batch_size, len(triplets)))
         out = encode_queries(model, gather_pixels(pixels, triplets.ref[rows]), tokens[rows], keys=BRANCH_KEYS,
                              fuse=False)
         for k in BRANCH_KEYS:
             parts[k].append(out[k])
-        parts["target"].append(encode_images(model, gather_pixels(pixels, triplets.target[rows])))
-        negs = triplets.negatives[rows]
-        flat = encode_images(model, gather_pixels(pixels, np.where(negs >= 0, negs, 0).reshape(-1)))
-        emb = flat.view(len(rows), negs.shape[1], -1)
-        parts["negatives"].append(emb * torch.from_numpy(negs >= 0).unsqueeze(-1).float())
-    return {k: torch.cat(v) for k, v in parts.items()}
+    cache = {k: torch.cat(v) for k, v in parts.items()}
+    negs = triplets.negatives
+    valid = negs >= 0
+    images = np.unique(np.concatenate([triplets.target, negs[valid]]))
+    # Even chunks of at most batch_size: no short last chunk (CPU matmul kernels switch at small
+    # row counts, which moves the last bits; large chunks give bitwise the per-occurrence vectors).
+    even = -(-len(images) // max(1, -(-len(images) // batch_size)))
+    emb = torch.from_numpy(embed_gallery(model, pixels, images, even, progress, desc="cache gallery"))
+    cache["target"] = emb[torch.from_numpy(np.searchsorted(images, triplets.target))]
+    slots = emb[torch.from_numpy(np.searchsorted(images, np.where(valid, negs, images[0])))]
+    cache["negatives"] = slots * torch.from_numpy(valid).unsqueeze(-1).float()  # padding slots: zero vectors
+    return cache
 
 
 def run_stage3(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
