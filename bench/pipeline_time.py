@@ -44,6 +44,19 @@ RUNNING = re.compile(r"Running stage '([^']+)'")
 OVERHEAD = ("imports", "tracking_start", "tracking_log", "tracking_end")
 
 
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``): results and hashes depend on it, not only timings
+    (PyTorch picks its CPU kernels by instruction set)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``a.b=value`` strings -> ``{"a.b": parsed value}`` (YAML scalars, as ``dvc exp run -S``)."""
     out = {}
@@ -175,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             "what": "dvc repro in a fresh git clone; per stage: DVC's view vs the stage process's timings",
             "revision": rev,
             "overrides": {k: v for k, v in overrides.items()},
-            "machine": {"host": platform.node(), "cpus": os.cpu_count(),
+            "machine": {"host": platform.node(), "cpus": os.cpu_count(), "cpu": _cpu_model(),
                         "python": platform.python_version(), "platform": platform.platform()},
             "clone_s": round(clone_s, 2),
             "repro": full,
