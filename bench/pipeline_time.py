@@ -44,7 +44,6 @@ RUNNING = re.compile(r"Running stage '([^']+)'")
 OVERHEAD = ("imports", "tracking_start", "tracking_log", "tracking_end")
 
 
-
 def _cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``): results and hashes depend on it, not only timings
     (PyTorch picks its CPU kernels by instruction set)."""
