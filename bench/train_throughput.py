@@ -84,7 +84,8 @@ def run_stage(config: str, stage: str, batch: int, steps: int, warmup: int, devi
     elif stage == "stage2_branches":
         task = BranchFinetuneTask(model, trip, pixels, sampler, 0, hard_negatives=2)
     else:
-        cache = cache_branch_outputs(model, trip, pixels, batch_size=batch, progress=False)
+        gallery = repo_section(stage).negatives == "gallery"  # the stage's objective, as params.yaml sets it
+        cache = cache_branch_outputs(model, trip, pixels, batch_size=batch, progress=False, gallery=gallery)
         task = FusionTask(model, cache, StepSampler(np.full(n, -1), batch, 0), 0)
     task.to(dev)
     # the pipeline's own optimiser, schedule and step (clip, AMP scaler) over every step run here

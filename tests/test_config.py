@@ -61,6 +61,13 @@ def test_frozen_backbone_lr_zero_is_allowed(tmp_path):
     assert load_section(Stage1Config, path, "stage1_detail").loop.lr_backbone == 0
 
 
+def test_unknown_stage3_objective_fails_at_load_naming_the_key(tmp_path):
+    path = _real_with(tmp_path, stage3_fusion={"negatives": "galery"})
+    with pytest.raises(ConfigError) as err:
+        load_section(Stage3Config, path, "stage3_fusion")
+    assert str(err.value) == f"{path}: stage3_fusion.negatives: 'galery' is not one of ['gallery', 'batch']"
+
+
 def test_misspelt_variant_fails_at_load(tmp_path):
     path = _real_with(tmp_path, model={"variant": "fulll"})
     with pytest.raises(ConfigError, match=r"model\.variant: 'fulll' is unknown; choose from \["):

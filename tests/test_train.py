@@ -80,6 +80,56 @@ def test_stage3_cache_embeds_each_gallery_image_once_with_the_same_vectors(tiny_
     assert cache["gm"].shape == (len(triplets), model.embed_dim)
 
 
+def test_stage3_gallery_objective_is_a_full_softmax_over_the_cached_images(tiny_world):
+    """``negatives: gallery``: the cache holds one row per distinct target/reference/member image
+    (the same vectors as the per-query targets), and the loss is, per query, the cross-entropy of
+    its target over every row of that table with its own reference left out; brute force here."""
+    import torch
+
+    from detailfusion.data.prepared import load_prepared
+    from detailfusion.models import create_model, get_model_config
+    from detailfusion.train.data import build_triplets
+    from detailfusion.train.stages import cache_branch_outputs
+    from detailfusion.train.tasks import FusionTask
+
+    prepared = load_prepared(Path(tiny_world["params"]["prepare"]["out"]), "cirr")
+    triplets = build_triplets(prepared, "train")
+    torch.manual_seed(0)
+    model = create_model(get_model_config("tiny"), variant="full")
+    torch.nn.init.normal_(model.afc.head[-1].weight, std=0.5)  # a compositor that is not the plain average
+    cache = cache_branch_outputs(model, triplets, prepared.pixels, batch_size=64, progress=False, gallery=True)
+    negs = triplets.negatives
+    images = np.unique(np.concatenate([triplets.target, triplets.ref, negs[negs >= 0]]))
+    table = cache["gallery"]
+    assert table.shape == (len(images), model.embed_dim)
+    assert (table[cache["target_index"]] == cache["target"]).all()
+    assert (images[cache["reference_index"].numpy()] == triplets.ref).all()
+    assert (images[cache["target_index"].numpy()] == triplets.target).all()
+
+    sampler = StepSampler(np.full(len(triplets), -1), 16, 0)
+    task = FusionTask(model, cache, sampler, 0)
+    assert "gallery" not in task.cache and "negatives" not in task.batch(0, 0, 1, 0, 1)
+    model.eval()
+    batch = task.batch(0, 0, 1, 0, 1)
+    loss = task(batch)["loss"]
+    with torch.no_grad():
+        query = model.fuse({k: batch[k] for k in ("gm", "di", "gm_tokens", "di_tokens")})["query"]
+        scale = model.logit_scale
+        want = []
+        for i in range(len(query)):
+            keep = [j for j in range(len(table)) if j != batch["reference_index"][i]]
+            scores = torch.stack([scale * query[i] @ table[j] for j in keep])
+            label = keep.index(int(batch["target_index"][i]))
+            want.append(-torch.log_softmax(scores, 0)[label])
+    torch.testing.assert_close(loss, torch.stack(want).mean(), rtol=1e-5, atol=1e-5)
+    # FashionIQ keeps the reference in its ranking: there it is one more negative
+    kept = FusionTask(model, cache, sampler, 0, exclude_reference=False)(batch)["loss"]
+    assert kept > loss
+    # without the table: the batch objective, with the set members as extra negatives
+    plain = FusionTask(model, {k: v for k, v in cache.items() if k != "gallery"}, sampler, 0)
+    assert plain.gallery is None and plain.batch(0, 0, 1, 0, 1)["negatives"].shape == (16, 4, model.embed_dim)
+
+
 def _run_all_stages(world: dict, models: Path, metrics: Path) -> dict:
     ctx = StageContext(load_config(world["params_path"]), models_dir=models, metrics_dir=metrics,
                        prepared_dir=world["params"]["prepare"]["out"])
@@ -242,3 +292,36 @@ def test_cli_reports_bad_params_and_missing_inputs_clearly(world_copy, capsys):
                  "--models-dir", str(root / "empty")]) == 2
     assert str(root / "empty" / "stage1") in capsys.readouterr().err
     assert not (root / "empty" / "stage2").exists()
+
+
+@pytest.mark.slow
+def test_stage3_objective_bench_pairs_the_two_objectives_on_one_stage2_model(world_copy, tmp_path):
+    """bench/stage3_objective.py: per run, stages 1-2 once and stage 3 once per objective, so the
+    branches (frozen in stage 3) are the same and only the fused model differs; a variant without
+    a compositor gives one result; a finished run is read back, not rerun."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "stage3_objective.py"
+    spec = importlib.util.spec_from_file_location("stage3_objective", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out, work = tmp_path / "result.json", tmp_path / "work"
+    argv = ["--params", str(world_copy["params_path"]), "--variants", "full,gm_only", "--seeds", "0",
+            "--workdir", str(work), "--out", str(out), "--no-progress"]
+    assert bench.main(argv) == 0
+    doc = json.loads(out.read_text())
+    full, gm_only = doc["runs"]
+    assert (full["variant"], gm_only["variant"]) == ("full", "gm_only")
+    for branch in ("gm", "di"):
+        assert full["gallery"][branch] == full["batch"][branch]
+    assert gm_only["skipped_stage3"] and gm_only["gallery"] == gm_only["batch"]
+    assert set(doc["summary"]) == {"gallery", "batch"} and set(doc["gallery_minus_batch"]) == {"full"}
+    want = full["gallery"]["model"]["R@1"] - full["batch"]["model"]["R@1"]
+    assert doc["gallery_minus_batch"]["full"]["R@1"] == pytest.approx(want, abs=1e-3)
+    stage3 = {m: json.loads((work / "full-s0" / f"metrics-{m}" / "stage3.json").read_text()) for m in ("gallery", "batch")}
+    assert [stage3[m]["negatives"] for m in stage3] == ["gallery", "batch"]
+    assert stage3["gallery"]["final_loss"] != stage3["batch"]["final_loss"]  # two objectives trained
+    assert stage3["gallery"]["gallery_images"] > 0 == stage3["batch"]["gallery_images"]
+    stamp = (work / "full-s0" / "result.json").stat().st_mtime_ns
+    assert bench.main(argv) == 0 and (work / "full-s0" / "result.json").stat().st_mtime_ns == stamp
+    assert bench.main([*argv[:-1], "--params", str(tmp_path / "none.yaml")]) == 2

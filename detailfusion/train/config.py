@@ -128,6 +128,9 @@ class Stage3Config:
     """AFC training on cached, frozen branch outputs."""
 
     cache_queries: int  # training queries whose branch outputs are cached (0 = all)
+    # gallery: the fused query is scored against every image of the cache (full softmax);
+    # batch: against the batch's targets plus ``hard_negatives`` set members per query
+    negatives: Literal["gallery", "batch"]
     hard_negatives: int
     loop: LoopConfig
 

@@ -182,7 +182,8 @@ def run_stage2(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
     return _finish(ctx, "stage2_branches", model, summary, {"val": val}, ckpt_dir)
 
 
-def cache_branch_outputs(model, triplets, pixels, batch_size: int = 256, progress: bool = True) -> dict:
+def cache_branch_outputs(model, triplets, pixels, batch_size: int = 256, progress: bool = True,
+                         gallery: bool = False) -> dict:
     """Frozen branch outputs + target/negative embeddings for every triplet (stage 3's input).
 
     Targets and negatives are gallery images that recur: every member of a set is the target
@@ -190,6 +191,10 @@ def cache_branch_outputs(model, triplets, pixels, batch_size: int = 256, progres
     index into those embeddings (the encoder is row-wise, so this gives the same vectors as
     embedding every occurrence; ``tests/test_train.py`` checks it), several times fewer images
     than one per (query, negative) slot.
+
+    With ``gallery`` the references join the embedded images, and the cache also holds that
+    table (``gallery`` ``[G, D]``, one row per distinct image) with each query's
+    ``target_index`` and ``reference_index`` into it, for an objective over the whole table.
     """
     from tqdm.auto import tqdm
 
@@ -208,14 +213,19 @@ def cache_branch_outputs(model, triplets, pixels, batch_size: int = 256, progres
     cache = {k: torch.cat(v) for k, v in parts.items()}
     negs = triplets.negatives
     valid = negs >= 0
-    images = np.unique(np.concatenate([triplets.target, negs[valid]]))
+    images = np.unique(np.concatenate([triplets.target, negs[valid]] + ([triplets.ref] if gallery else [])))
     # Even chunks of at most batch_size: no short last chunk (CPU matmul kernels switch at small
     # row counts, which moves the last bits; large chunks give bitwise the per-occurrence vectors).
     even = -(-len(images) // max(1, -(-len(images) // batch_size)))
     emb = torch.from_numpy(embed_gallery(model, pixels, images, even, progress, desc="cache gallery"))
-    cache["target"] = emb[torch.from_numpy(np.searchsorted(images, triplets.target))]
+    target_index = torch.from_numpy(np.searchsorted(images, triplets.target))
+    cache["target"] = emb[target_index]
     slots = emb[torch.from_numpy(np.searchsorted(images, np.where(valid, negs, images[0])))]
     cache["negatives"] = slots * torch.from_numpy(valid).unsqueeze(-1).float()  # padding slots: zero vectors
+    if gallery:
+        cache["gallery"] = emb
+        cache["target_index"] = target_index
+        cache["reference_index"] = torch.from_numpy(np.searchsorted(images, triplets.ref))
     return cache
 
 
@@ -244,14 +254,18 @@ def run_stage3(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
     device = resolve_device(cfg.loop.device)
     model.to(device)
     with timings.phase("cache_branches"):
-        cache = cache_branch_outputs(model, triplets, prepared.pixels, progress=progress)
+        cache = cache_branch_outputs(model, triplets, prepared.pixels, progress=progress,
+                                     gallery=cfg.negatives == "gallery")
     model.cpu()
     sampler = StepSampler(np.full(len(triplets), -1), cfg.loop.batch_size, cfg.loop.seed)
-    task = FusionTask(model, cache, sampler, cfg.loop.seed, hard_negatives=cfg.hard_negatives)
+    # CIRR's ranking leaves the reference out; FashionIQ's keeps it, so there it is a negative
+    task = FusionTask(model, cache, sampler, cfg.loop.seed, hard_negatives=cfg.hard_negatives,
+                      exclude_reference=s2.dataset == "cirr")
     with timings.phase("train"):
         summary = run_training(task, cfg.loop, ckpt_dir, run_config=run_config, on_log=on_log,
                                progress=progress)
-    summary.update({"skipped": False, "cached_queries": len(triplets)})
+    summary.update({"skipped": False, "cached_queries": len(triplets), "negatives": cfg.negatives,
+                    "gallery_images": int(task.gallery.shape[0]) if task.gallery is not None else 0})
     model.cpu()
     val = _validate(model, prepared, progress)
     return _finish(ctx, "stage3_fusion", model, summary, {"val": val}, ckpt_dir)

@@ -245,30 +245,51 @@ class BranchFinetuneTask(TrainingTask):
 
 
 class FusionTask(nn.Module):
-    """Stage 3: the AFC on cached, frozen branch outputs (a fraction of stage 2's cost)."""
+    """Stage 3: the AFC on cached, frozen branch outputs (a fraction of stage 2's cost).
+
+    Two objectives. When the cache holds a ``gallery`` table (``cache_branch_outputs(...,
+    gallery=True)``), each fused query is scored against every image in it, a full softmax
+    over the training gallery with its ``target_index`` as the label (and its reference
+    masked out when ``exclude_reference``, as CIRR's ranking removes it): the same task as
+    retrieval, which ranks a whole gallery. Without it, InfoNCE against the batch's targets
+    plus ``hard_negatives`` set members per query.
+    """
 
     name = "stage3_fusion"
 
     def __init__(self, model: nn.Module, cache: dict[str, torch.Tensor], sampler: StepSampler, seed: int,
-                 hard_negatives: int = 4):
+                 hard_negatives: int = 4, exclude_reference: bool = True):
         super().__init__()
         self.model = model
+        cache = dict(cache)
+        # a buffer, so the loop's task.to(device) moves it; not part of any checkpoint
+        self.register_buffer("gallery", cache.pop("gallery", None), persistent=False)
         self.cache = cache
         self.sampler = sampler
         self.seed = seed
         self.hard_negatives = hard_negatives
+        self.exclude_reference = exclude_reference
 
     def batch(self, step: int, micro: int, n_micro: int, rank: int, world: int) -> dict:
         idx = torch.as_tensor(self.sampler.micro_batch(step, micro, n_micro, rank, world))
         out = {k: v[idx] for k, v in self.cache.items() if k != "negatives"}
-        if self.hard_negatives and "negatives" in self.cache:
+        if self.gallery is None and self.hard_negatives and "negatives" in self.cache:
             out["negatives"] = self.cache["negatives"][idx][:, : self.hard_negatives]
         return out
 
     def forward(self, batch: dict) -> dict:
         branch = {k: batch[k] for k in ("gm", "di", "gm_tokens", "di_tokens")}
         fused = self.model.fuse(branch)
-        loss = info_nce(fused["query"], batch["target"], self.model.logit_scale.detach(), batch.get("negatives"))
+        scale = self.model.logit_scale.detach()
+        if self.gallery is not None:
+            logits = scale * fused["query"] @ self.gallery.t()
+            if self.exclude_reference:  # (never the label: a query whose target is its reference keeps it)
+                ref, tgt = batch["reference_index"], batch["target_index"]
+                drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ref.unsqueeze(1), True)
+                logits = logits.masked_fill(drop & (ref != tgt).unsqueeze(1), float("-inf"))
+            loss = F.cross_entropy(logits.float(), batch["target_index"])
+        else:
+            loss = info_nce(fused["query"], batch["target"], scale, batch.get("negatives"))
         w = fused.get("weights")
         parts = {"loss_fused": loss.detach()}
         if w is not None:
