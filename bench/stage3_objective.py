@@ -3,17 +3,20 @@
 
 For each variant and seed it runs the three training stages with the pipeline's own stage
 runners (``detailfusion.train.stages``) on the prepared data of this checkout (``dvc repro
-prepare`` first), the checkout's ``params.yaml`` with ``model.variant`` and every stage's
-``loop.seed`` set as ``detailfusion ablations`` sets them, in a scratch folder (``--params`` for another params file). Then stage 3 runs
-twice on the same stage-2 model, once per objective, so the two differ in that alone, and each
-result is the stage's own validation (the val split's CIRR metrics, as ``metrics/stage3.json``
-holds them). Variants without a compositor (``gm_only``, ``di_only``, ``avg_fusion``) skip
-stage 3, and their one result stands beside the others for the ranking.
+prepare`` first), the checkout's ``params.yaml`` (or ``--params``) with ``model.variant`` and
+every stage's ``loop.seed`` set as ``detailfusion ablations`` sets them, in a scratch folder.
+Then stage 3 runs twice on the same stage-2 model, once per objective, so the two differ in that
+alone. Each result is the stage's own validation (the val split's CIRR metrics, as
+``metrics/stage3.json`` holds them) and the same metrics on the held-out split (``test1``, whose
+targets only the synthetic benchmark's sidecar knows; no choice is made on it). Variants without
+a compositor (``gm_only``, ``di_only``, ``avg_fusion``) skip stage 3, and their one result
+stands beside the others for the ranking.
 
-Runs are resumable (a run whose result file exists is read, not rerun). It writes per
-objective the mean, std and 95 % t interval over seeds (``detailfusion.experiments.ablations
-.summarize``) and, per variant, the paired difference gallery − batch with its t interval, to
-``bench/results/stage3_objective.json``, and prints markdown tables.
+Runs are resumable (a finished run's result file is read, not rerun; a run whose stage 2
+finished reruns stage 3 only). It writes per objective the mean, std and 95 % t interval over
+seeds (``detailfusion.experiments.ablations.summarize``) and, per variant, the paired difference
+gallery − batch with its t interval, to ``bench/results/stage3_objective.json`` (val at the top
+level, the held-out split under ``heldout``), and prints markdown tables.
 
     python bench/stage3_objective.py                                  # full, no_pretrain, gm_only; seeds 0 1 2
     python bench/stage3_objective.py --variants full --seeds 0 --workdir /tmp/s3obj
@@ -52,46 +55,86 @@ def _params_file(base: dict, home: Path, variant: str, seed: int, negatives: str
     return path
 
 
+def _heldout(models_dir: Path, prepared_dir: Path, dataset: str) -> dict | None:
+    """The stage-3 model's metrics on the held-out split (``test1``) when its targets are known
+    (the synthetic benchmark's sidecar), per branch as on val; None otherwise (real data)."""
+    from detailfusion.data.prepared import load_prepared
+    from detailfusion.eval.evaluate import HELDOUT_SPLIT, quick_validation
+    from detailfusion.models.io import load_pretrained
+
+    prepared = load_prepared(prepared_dir, dataset)
+    q = prepared.queries
+    q = q[q["split"] == HELDOUT_SPLIT]
+    if prepared.name != "cirr" or q.empty or not q["target"].notna().all():
+        return None
+    return quick_validation(load_pretrained(models_dir / "stage3" / "model"), prepared, split=HELDOUT_SPLIT)
+
+
 def run_one(params_path: Path, variant: str, seed: int, workdir: Path, progress: bool) -> dict:
-    """Stages 1-2 once, stage 3 once per objective -> ``{objective: {branch: val metrics}}``."""
+    """Stages 1-2 once, stage 3 once per objective -> ``{objective: {branch: val metrics}}`` and
+    ``heldout: {objective: {branch: metrics}}`` (None without held-out targets).
+
+    A run with a result file is read back; one whose stage 2 finished (an older result without
+    held-out numbers, or an interrupted run) reruns stage 3 only, which repeats its val numbers
+    (said when it does not)."""
     from detailfusion.params import load_config
     from detailfusion.train.stages import StageContext, run_stage1, run_stage2, run_stage3
 
     folder = workdir / f"{variant}-s{seed}"
     result_path = folder / "result.json"
-    if result_path.is_file():
-        return json.loads(result_path.read_text())
+    before = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    if "heldout" in before:
+        return before
     folder.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load(params_path.read_text())
     home = params_path.resolve().parent  # relative paths in a params file are the repo's (its folder's)
+    prepared_dir = home / base["prepare"]["out"]
 
     def context(negatives: str) -> StageContext:
         params = load_config(_params_file(base, home, variant, seed, negatives, folder))
         return StageContext(params, models_dir=folder / "models", metrics_dir=folder / f"metrics-{negatives}",
-                            prepared_dir=home / base["prepare"]["out"])
+                            prepared_dir=prepared_dir)
 
     first = context(OBJECTIVES[0])
-    run_stage1(first, progress=progress)
-    run_stage2(first, progress=progress)
-    result = {"variant": variant, "seed": seed}
+    if not (first.metrics_dir / "stage2.json").is_file():
+        run_stage1(first, progress=progress)
+        run_stage2(first, progress=progress)
+    result: dict = {"variant": variant, "seed": seed, "heldout": {}}
     for negatives in OBJECTIVES:
         out = run_stage3(context(negatives), progress=progress)
         result[negatives] = out["val"]
         result["skipped_stage3"] = bool(out.get("skipped"))
+        if before.get(negatives) not in (None, out["val"]):
+            print(f"{folder}: stage 3 ({negatives}) gave other val metrics than its earlier run", flush=True)
+        held = _heldout(first.models_dir, prepared_dir, base["stage2_branches"]["dataset"])
+        result["heldout"] = None if held is None else {**result["heldout"], negatives: held}
     result_path.write_text(json.dumps(result, indent=1))
     return result
 
 
-def paired(results: list[dict]) -> dict:
+def _model_metrics(results: list[dict], split: str, negatives: str) -> list[dict]:
+    """Each run's fused-model metrics for one split (``val`` or ``heldout``) and objective."""
+    rows = []
+    for r in results:
+        metrics = r[negatives] if split == "val" else (r["heldout"] or {}).get(negatives)
+        if metrics is not None:
+            rows.append({**r, "metrics": metrics["model"]})
+    return rows
+
+
+def paired(results: list[dict], split: str = "val") -> dict:
     """Per variant with a compositor: mean gallery − batch over seeds, with its 95 % t interval."""
+    gallery = {(r["variant"], r["seed"]): r["metrics"] for r in _model_metrics(results, split, "gallery")}
+    batch = {(r["variant"], r["seed"]): r["metrics"] for r in _model_metrics(results, split, "batch")}
     out: dict[str, dict] = {}
     for variant in dict.fromkeys(r["variant"] for r in results):
-        runs = [r for r in results if r["variant"] == variant and not r["skipped_stage3"]]
+        runs = [r for r in results if r["variant"] == variant and not r["skipped_stage3"]
+                and (variant, r["seed"]) in gallery and (variant, r["seed"]) in batch]
         if not runs:
             continue
         row: dict = {"n_seeds": len(runs), "seeds": sorted(r["seed"] for r in runs)}
         for m in METRICS:
-            diffs = [r["gallery"]["model"][m] - r["batch"]["model"][m] for r in runs]
+            diffs = [gallery[variant, r["seed"]][m] - batch[variant, r["seed"]][m] for r in runs]
             mean = statistics.fmean(diffs)
             row[m] = round(mean, 3)
             if len(diffs) > 1:
@@ -99,6 +142,12 @@ def paired(results: list[dict]) -> dict:
                 row[f"{m}_ci95"] = [round(mean - half, 3), round(mean + half, 3)]
         out[variant] = row
     return out
+
+
+def split_summary(results: list[dict], split: str) -> dict:
+    """Per objective the ablation summary (mean, std, 95 % t interval over seeds) of one split."""
+    return {negatives: summarize({f"{r['variant']}-s{r['seed']}": r for r in _model_metrics(results, split, negatives)})
+            for negatives in OBJECTIVES}
 
 
 def _cell(row: dict, m: str, signed: bool = False) -> str:
@@ -146,18 +195,19 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             print(f"== {variant} seed {seed}", flush=True)
             results.append(run_one(args.params, variant, seed, args.workdir, not args.no_progress))
-    summary = {
-        negatives: summarize({f"{r['variant']}-s{r['seed']}": {"variant": r["variant"], "seed": r["seed"],
-                                                                "metrics": r[negatives]["model"]} for r in results})
-        for negatives in OBJECTIVES
-    }
-    diffs = paired(results)
-    branches = {f"{r['variant']}-s{r['seed']}": {o: {b: r[o][b] for b in r[o] if b != "model"} for o in OBJECTIVES}
-                for r in results}
+    summary, diffs = split_summary(results, "val"), paired(results, "val")
+    doc: dict = {"summary": summary, "gallery_minus_batch": diffs}
+    if any(r["heldout"] for r in results):
+        doc["heldout"] = {"summary": split_summary(results, "heldout"),
+                          "gallery_minus_batch": paired(results, "heldout")}
+    doc["branches"] = {f"{r['variant']}-s{r['seed']}": {o: {b: r[o][b] for b in r[o] if b != "model"}
+                                                        for o in OBJECTIVES} for r in results}
+    doc["runs"] = results
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"summary": summary, "gallery_minus_batch": diffs, "branches": branches,
-                                    "runs": results}, indent=1))
-    print(tables(summary, diffs))
+    args.out.write_text(json.dumps(doc, indent=1))
+    print("val split\n\n" + tables(summary, diffs))
+    if "heldout" in doc:
+        print("held-out split\n\n" + tables(doc["heldout"]["summary"], doc["heldout"]["gallery_minus_batch"]))
     print(f"wrote {args.out}")
     return 0
 

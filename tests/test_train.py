@@ -316,6 +316,12 @@ def test_stage3_objective_bench_pairs_the_two_objectives_on_one_stage2_model(wor
         assert full["gallery"][branch] == full["batch"][branch]
     assert gm_only["skipped_stage3"] and gm_only["gallery"] == gm_only["batch"]
     assert set(doc["summary"]) == {"gallery", "batch"} and set(doc["gallery_minus_batch"]) == {"full"}
+    # the held-out split (test1, targets from the sidecar) beside val, per objective
+    assert set(full["heldout"]) == {"gallery", "batch"} and set(full["heldout"]["gallery"]) >= {"model", "gm", "di"}
+    assert full["heldout"]["gallery"]["gm"] == full["heldout"]["batch"]["gm"]
+    assert full["heldout"]["gallery"]["model"] != full["gallery"]["model"]  # another split, other numbers
+    held = full["heldout"]["gallery"]["model"]["Avg"] - full["heldout"]["batch"]["model"]["Avg"]
+    assert doc["heldout"]["gallery_minus_batch"]["full"]["Avg"] == pytest.approx(held, abs=1e-3)
     want = full["gallery"]["model"]["R@1"] - full["batch"]["model"]["R@1"]
     assert doc["gallery_minus_batch"]["full"]["R@1"] == pytest.approx(want, abs=1e-3)
     stage3 = {m: json.loads((work / "full-s0" / f"metrics-{m}" / "stage3.json").read_text()) for m in ("gallery", "batch")}
@@ -324,4 +330,12 @@ def test_stage3_objective_bench_pairs_the_two_objectives_on_one_stage2_model(wor
     assert stage3["gallery"]["gallery_images"] > 0 == stage3["batch"]["gallery_images"]
     stamp = (work / "full-s0" / "result.json").stat().st_mtime_ns
     assert bench.main(argv) == 0 and (work / "full-s0" / "result.json").stat().st_mtime_ns == stamp
+    # a result without held-out numbers (an older run) reruns stage 3 only: the same val numbers
+    older = {k: v for k, v in full.items() if k != "heldout"}
+    (work / "full-s0" / "result.json").write_text(json.dumps(older))
+    stage2 = (work / "full-s0" / "models" / "stage2" / "model" / "model.safetensors").stat().st_mtime_ns
+    assert bench.main(argv) == 0
+    again = json.loads(out.read_text())["runs"][0]
+    assert again["gallery"] == full["gallery"] and again["heldout"] == full["heldout"]
+    assert (work / "full-s0" / "models" / "stage2" / "model" / "model.safetensors").stat().st_mtime_ns == stage2
     assert bench.main([*argv[:-1], "--params", str(tmp_path / "none.yaml")]) == 2
