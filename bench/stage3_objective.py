@@ -55,19 +55,16 @@ def _params_file(base: dict, home: Path, variant: str, seed: int, negatives: str
     return path
 
 
-def _heldout(models_dir: Path, prepared_dir: Path, dataset: str) -> dict | None:
-    """The stage-3 model's metrics on the held-out split (``test1``) when its targets are known
-    (the synthetic benchmark's sidecar), per branch as on val; None otherwise (real data)."""
+def _heldout_data(prepared_dir: Path, dataset: str):
+    """The prepared data set when its held-out split (``test1``) has known targets (the synthetic
+    benchmark's sidecar), else None (real data): loaded once per run, used for both objectives."""
     from detailfusion.data.prepared import load_prepared
-    from detailfusion.eval.evaluate import HELDOUT_SPLIT, quick_validation
-    from detailfusion.models.io import load_pretrained
+    from detailfusion.eval.evaluate import HELDOUT_SPLIT
 
     prepared = load_prepared(prepared_dir, dataset)
     q = prepared.queries
     q = q[q["split"] == HELDOUT_SPLIT]
-    if prepared.name != "cirr" or q.empty or not q["target"].notna().all():
-        return None
-    return quick_validation(load_pretrained(models_dir / "stage3" / "model"), prepared, split=HELDOUT_SPLIT)
+    return prepared if prepared.name == "cirr" and not q.empty and q["target"].notna().all() else None
 
 
 def run_one(params_path: Path, variant: str, seed: int, workdir: Path, progress: bool) -> dict:
@@ -77,6 +74,8 @@ def run_one(params_path: Path, variant: str, seed: int, workdir: Path, progress:
     A run with a result file is read back; one whose stage 2 finished (an older result without
     held-out numbers, or an interrupted run) reruns stage 3 only, which repeats its val numbers
     (said when it does not)."""
+    from detailfusion.eval.evaluate import HELDOUT_SPLIT, quick_validation
+    from detailfusion.models.io import load_pretrained
     from detailfusion.params import load_config
     from detailfusion.train.stages import StageContext, run_stage1, run_stage2, run_stage3
 
@@ -99,15 +98,17 @@ def run_one(params_path: Path, variant: str, seed: int, workdir: Path, progress:
     if not (first.metrics_dir / "stage2.json").is_file():
         run_stage1(first, progress=progress)
         run_stage2(first, progress=progress)
-    result: dict = {"variant": variant, "seed": seed, "heldout": {}}
+    heldout = _heldout_data(prepared_dir, base["stage2_branches"]["dataset"])
+    result: dict = {"variant": variant, "seed": seed, "heldout": None if heldout is None else {}}
     for negatives in OBJECTIVES:
         out = run_stage3(context(negatives), progress=progress)
         result[negatives] = out["val"]
         result["skipped_stage3"] = bool(out.get("skipped"))
         if before.get(negatives) not in (None, out["val"]):
             print(f"{folder}: stage 3 ({negatives}) gave other val metrics than its earlier run", flush=True)
-        held = _heldout(first.models_dir, prepared_dir, base["stage2_branches"]["dataset"])
-        result["heldout"] = None if held is None else {**result["heldout"], negatives: held}
+        if heldout is not None:  # the stage-3 model this objective just wrote, per branch as on val
+            model = load_pretrained(first.models_dir / "stage3" / "model")
+            result["heldout"][negatives] = quick_validation(model, heldout, split=HELDOUT_SPLIT)
     result_path.write_text(json.dumps(result, indent=1))
     return result
 
