@@ -298,6 +298,19 @@ def test_suite_as_dvc_experiments_one_variant_failing(repo, tmp_path):  # noqa: 
     shown = _run(["dvc", "exp", "show", "--json"], root, env).stdout
     assert "0.0003" in shown  # the sweep's override is in its experiment's params
 
+    # a commit made while (or after) a suite runs moves HEAD; the suite's experiments keep their
+    # baseline, and the runner collects from every baseline its runs started at, not only HEAD
+    suite_head = _run(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
+    (root / "NOTES.md").write_text("a commit made while the suite ran\n")
+    _run(["git", "add", "NOTES.md"], root, env)
+    _run(["git", "commit", "-qm", "moves HEAD"], root, env)
+    new_head = _run(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
+    assert collect_from_dvc(root, ["abl-gm_only-s0"], dvc=str(BIN / "dvc")) == {}  # HEAD's own: none yet
+    moved = collect_from_dvc(root, ["abl-gm_only-s0", "tune-lrb-gm_only-s0"], baselines=[suite_head, new_head],
+                             dvc=str(BIN / "dvc"))  # fmt: skip
+    assert moved["abl-gm_only-s0"]["metrics"] == exp["metrics"] and moved["abl-gm_only-s0"]["baseline"] == suite_head
+    assert set(moved) == {"abl-gm_only-s0", "tune-lrb-gm_only-s0"}
+
 
 def test_suite_parent_and_summary_in_mlflow(tmp_path):
     """The suite's parent run (a local store): summary metrics, tags, files, FAILED when a run

@@ -154,9 +154,12 @@ def dvc_executable() -> str:
     return shutil.which("dvc") or (str(beside) if beside.is_file() else "dvc")
 
 
-def dvc_exp_show(repo_dir: str | Path, *, all_commits: bool = False, dvc: str | None = None) -> list[dict]:
-    """``dvc exp show --json`` in ``repo_dir`` (DvcError with its message when it fails)."""
-    cmd = [dvc or dvc_executable(), "exp", "show", "--json", "--no-pager"] + (["--all-commits"] if all_commits else [])
+def dvc_exp_show(repo_dir: str | Path, *, all_commits: bool = False, rev: str | None = None,
+                 dvc: str | None = None) -> list[dict]:
+    """``dvc exp show --json`` in ``repo_dir``: the experiments of baseline ``rev`` (HEAD when
+    None), or of every commit with ``all_commits`` (DvcError with its message when it fails)."""
+    cmd = [dvc or dvc_executable(), "exp", "show", "--json", "--no-pager"]
+    cmd += ["--all-commits"] if all_commits else (["--rev", rev] if rev else [])
     try:
         done = subprocess.run(cmd, cwd=repo_dir, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -240,12 +243,18 @@ def _result_from_rev(name: str, rev: dict, baseline_rev: str | None,
 
 
 def collect_from_dvc(repo_dir: str | Path, names: list[str], *, all_commits: bool = False,
-                     dvc: str | None = None) -> dict[str, dict]:
+                     baselines: list[str] | None = None, dvc: str | None = None) -> dict[str, dict]:
     """``{name: result}`` (see :func:`parse_exp_show`) for the experiments ``names`` that DVC
-    knows in ``repo_dir``. Experiments pushed from elsewhere must be pulled first
+    knows in ``repo_dir``: those of the current HEAD, of the given ``baselines`` (commits; e.g.
+    every HEAD a suite ran its experiments at, when commits were made while it ran) or of every
+    commit with ``all_commits``. Experiments pushed from elsewhere must be pulled first
     (``dvc exp pull <git remote> <name>``); names without results are left out."""
-    return parse_exp_show(dvc_exp_show(repo_dir, all_commits=all_commits, dvc=dvc), names,
-                          git_file_reader(repo_dir))
+    if all_commits or not baselines:
+        doc = dvc_exp_show(repo_dir, all_commits=all_commits, dvc=dvc)
+    else:
+        wanted = list(dict.fromkeys(baselines))
+        doc = [b for rev in wanted for b in dvc_exp_show(repo_dir, rev=rev, dvc=dvc) if b.get("rev") in wanted]
+    return parse_exp_show(doc, names, git_file_reader(repo_dir))
 
 
 def git_file_reader(repo_dir: str | Path) -> Callable[[str, str], str | None]:

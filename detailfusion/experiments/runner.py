@@ -188,8 +188,10 @@ def run_suite(repo_dir: str | Path = ".", *, variants: list[str] | None = None, 
 
     failed: dict[str, str] = {}
     log_dir = repo / log_dir
+    baselines = [head]  # every HEAD an experiment ran at: a commit made while the suite runs moves it
     try:
-        _run_all(repo, [r for r in runs if r.name not in reuse], set_args, env, log_dir, failed, echo, dvc)
+        _run_all(repo, [r for r in runs if r.name not in reuse], set_args, env, log_dir, failed, echo, dvc,
+                 baselines)
     except BaseException:
         if parent is not None and parent.owned and parent.run_id:  # interrupted: do not leave it RUNNING
             with contextlib.suppress(Exception):
@@ -197,7 +199,7 @@ def run_suite(repo_dir: str | Path = ".", *, variants: list[str] | None = None, 
         raise
 
     try:
-        results = collect_from_dvc(repo, [n for n in names if n not in failed], dvc=dvc)
+        results = collect_from_dvc(repo, [n for n in names if n not in failed], baselines=baselines, dvc=dvc)
     except DvcError as exc:
         results = {}
         failed.update({n: f"finished, but its metrics could not be read: {exc}" for n in names if n not in failed})
@@ -213,9 +215,15 @@ def run_suite(repo_dir: str | Path = ".", *, variants: list[str] | None = None, 
 
 
 def _run_all(repo: Path, runs: list[AblationRun], set_args: dict[str, list[str]], env: dict[str, str], log_dir: Path,
-             failed: dict[str, str], echo: bool, dvc: str) -> None:
-    """Run the experiments one after the other; a failure goes into ``failed`` and the next one runs."""
+             failed: dict[str, str], echo: bool, dvc: str, baselines: list[str]) -> None:
+    """Run the experiments one after the other; a failure goes into ``failed`` and the next one
+    runs. Each experiment's baseline (HEAD when it starts) is added to ``baselines``."""
     for i, run in enumerate(runs, start=1):
+        head = _git_head(repo)
+        if head not in baselines:
+            print(f"[{i}/{len(runs)}] HEAD moved to {head[:7]} while the suite ran: {run.name} and the runs after it "
+                  f"have that baseline (the summary collects them from every baseline of the suite)", file=sys.stderr)
+            baselines.append(head)
         print(f"[{i}/{len(runs)}] {run.name}: dvc exp run ({' '.join(set_args[run.name])})", file=sys.stderr)
         started = time.monotonic()
         rc, output = _run_logged(exp_run_command(run, set_args[run.name], dvc=dvc), repo, env,
