@@ -127,10 +127,11 @@ def ablations(
         for name in set(done) - set(results):
             failed[name] = "finished without evaluation metrics in dvc exp show"
     summary = suite.summarize(results)
-    table = suite.markdown_table(summary, failed)
+    diffs = suite.differences(results)
+    table = suite.markdown_table(summary, failed, diffs)
     out = Path(workdir, "reports", "ablations")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps({"summary": summary, "failed": failed}, indent=2), encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps({"summary": summary, "differences": diffs, "failed": failed}, indent=2), encoding="utf-8")
     (out / "ablations.md").write_text(table, encoding="utf-8")
     if parent is not None and parent_id:
         log_suite_summary(parent, summary, failed, experiments=[r.name for r in runs],

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO_ROOT
+from scipy.stats import t as scipy_t
 from test_pipeline import _run, repo  # noqa: F401  (the fixture: a shrunk git copy of the repository)
 
 from detailfusion.errors import ConfigError
 from detailfusion.experiments import (
     EXP_TARGETS,
+    METRICS,
     MULTI_SEED,
     SUITE_ENTRIES,
     SUITE_ORDER,
@@ -126,6 +128,43 @@ def test_summarize_mean_std_ci_over_seeds_and_table():
     assert "- `abl-di_only-s0`: exit 1: error: boom" in table
 
 
+def _eval_heldout(r1: float, heldout_r1: float) -> dict:
+    res = _eval(r1)
+    res["heldout"] = {m: heldout_r1 for m in ("R@1", "R@5", "R@10", "R@50", "Rsub@1", "Rsub@2", "Rsub@3", "Avg")}
+    return res
+
+
+def test_summary_heldout_and_welch_differences():
+    """Held-out statistics next to val's, and full minus each multi-seed entry with the Welch
+    interval (computed here by hand), in the summary, the table and the MLflow keys."""
+    from detailfusion.experiments.ablations import differences
+    from detailfusion.experiments.tracking import summary_metrics
+
+    results = {f"abl-full-s{s}": _eval_heldout(v, h) for s, (v, h) in enumerate(((10.0, 20.0), (12.0, 22.0), (14.0, 27.0)))}
+    results |= {f"abl-gm_only-s{s}": {"variant": "gm_only", "seed": s, **_eval_heldout(v, h)}
+                for s, (v, h) in enumerate(((8.0, 19.0), (9.0, 19.0)))}
+    results["abl-di_only-s0"] = {"variant": "di_only", "seed": 0, **_eval_heldout(5.0, 6.0)}
+    summary = summarize(results)
+    assert summary["full"]["heldout"]["R@1"] == 23.0 and summary["full"]["heldout"]["R@1_std"] == pytest.approx(3.606, abs=1e-3)
+    assert summary["di_only"]["heldout"] == {**{m: 6.0 for m in METRICS}, **{f"{m}_std": 0.0 for m in METRICS}}
+    diffs = differences(results)
+    assert list(diffs) == ["full - gm_only"]  # di_only has one seed: no interval
+    va, vb = 4.0 / 3, 0.5 / 2  # sample variances over n
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 1)
+    half = scipy_t.ppf(0.975, df) * math.sqrt(va + vb)
+    cell = diffs["full - gm_only"]["val"]["R@1"]
+    assert cell["diff"] == 3.5 and cell["ci95"] == pytest.approx([3.5 - half, 3.5 + half], abs=1e-3)
+    assert diffs["full - gm_only"]["heldout"]["Avg"]["diff"] == 4.0
+    assert differences({"abl-full-s0": _eval(1.0), "abl-gm_only-s0": _eval(1.0), "abl-gm_only-s1": _eval(2.0)}) == {}
+    table = markdown_table(summary, diffs=diffs)
+    assert "Held-out split (not tuned on):" in table and "| full | 3 | 23.0 ± 3.6 |" in table
+    assert f"| full - gm_only | +3.5 [{3.5 - half:+.1f}, {3.5 + half:+.1f}] |" in table
+    assert "held out (95 % Welch interval)" in table
+    keys = summary_metrics(summary)
+    assert keys["full/heldout/R_at_1"] == 23.0 and keys["full/R_at_1"] == 12.0
+    assert not any(k.endswith("ci95") for k in keys)  # intervals are lists: in the JSON, not metrics
+
+
 def test_parse_exp_show_dvc3_schema():
     def rev(name, variant, evaluation, error=None):
         data = {"timestamp": "2026-12-01T20:54:00", "params": {"params.yaml": {"data": {
@@ -163,6 +202,11 @@ def test_parse_exp_show_dvc3_schema():
     files = {("rev-abl-full-s1", "metrics/eval.json"): json.dumps({"cirr": _eval(7.0)})}
     got = parse_exp_show(doc, ["abl-full-s1"], read_file=lambda rev, path: files.get((rev, path)))
     assert list(got) == ["abl-full-s1"] and got["abl-full-s1"]["metrics"]["R@1"] == 7.0
+    assert got["abl-full-s1"]["heldout"] == {}  # not evaluated on a held-out split
+    files = {("rev-abl-full-s1", "metrics/eval.json"): json.dumps(
+        {"cirr": {**_eval(7.0), "heldout": {"split": "test1", "metrics": {"R@1": 9.0}}}})}
+    got = parse_exp_show(doc, ["abl-full-s1"], read_file=lambda rev, path: files.get((rev, path)))
+    assert got["abl-full-s1"]["heldout"] == {"R@1": 9.0}
 
 
 def test_error_lines_pick_the_errors():

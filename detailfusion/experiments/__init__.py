@@ -3,7 +3,7 @@
 
 The Prefect ``ablations`` flow uses the same pieces: :func:`plan`, :func:`set_params` /
 :func:`exp_run_command` for each GPU worker's ``dvc exp run``, then :func:`collect_from_dvc`,
-:func:`summarize`, :func:`markdown_table` and :func:`log_suite_summary` for the result.
+:func:`summarize`, :func:`differences`, :func:`markdown_table` and :func:`log_suite_summary` for the result.
 """
 
 from detailfusion.experiments.ablations import (
@@ -16,6 +16,7 @@ from detailfusion.experiments.ablations import (
     AblationRun,
     DvcError,
     collect_from_dvc,
+    differences,
     error_lines,
     exp_run_command,
     markdown_table,
@@ -36,6 +37,7 @@ __all__ = [
     "AblationRun",
     "DvcError",
     "collect_from_dvc",
+    "differences",
     "error_lines",
     "exp_run_command",
     "markdown_table",

@@ -239,6 +239,8 @@ def _result_from_rev(name: str, rev: dict, baseline_rev: str | None,
         "dataset": dataset,
         "metrics": evaluation[dataset]["metrics"],
         "baselines": evaluation[dataset].get("baselines") or {},
+        # the held-out split (CIRR test1 with the generator's sidecar targets), when evaluated
+        "heldout": ((evaluation[dataset].get("heldout") or {}).get("metrics")) or {},
     }
 
 
@@ -293,58 +295,141 @@ def _ci95(values: list[float]) -> float:
     return float(t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
 
 
-def summarize(results: dict[str, dict]) -> dict:
-    """Per suite entry (in :data:`SUITE_ORDER`): ``n_seeds``, ``seeds``, ``runs`` (experiment names)
-    and for each metric the mean over seeds, ``<m>_std`` (sample std, 0 for one seed) and, with two
-    or more seeds, ``<m>_ci95`` = [low, high] (t interval); plus the baselines' mean R@1.
-
-    ``results``: ``{name: {variant, seed, metrics, baselines}}`` as :func:`collect_from_dvc`
-    returns (variant/seed are taken from the name ``abl-<variant>-s<seed>`` when absent).
-    """
+def _by_entry(results: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """``{suite entry: {name: result}}`` in :data:`SUITE_ORDER` (unknown entries after, sorted)."""
     by_variant: dict[str, dict[str, dict]] = {}
     for name, res in results.items():
         parsed = parse_name(name)
         variant = res.get("variant") or (parsed[0] if parsed else name)
         by_variant.setdefault(variant, {})[name] = res
     order = [v for v in SUITE_ORDER if v in by_variant] + sorted(set(by_variant) - set(SUITE_ORDER))
+    return {v: by_variant[v] for v in order}
+
+
+def _metric_stats(runs: list[dict], key: str) -> dict[str, Any]:
+    """Mean, sample std and (two or more runs) 95 % t interval of each metric of ``run[key]``."""
+    row: dict[str, Any] = {}
+    for m in METRICS:
+        values = [float(r[key][m]) for r in runs if m in (r.get(key) or {})]
+        if not values:
+            continue
+        mean = statistics.fmean(values)
+        row[m] = round(mean, 3)
+        row[f"{m}_std"] = round(statistics.stdev(values), 3) if len(values) > 1 else 0.0
+        if len(values) > 1:
+            half = _ci95(values)
+            row[f"{m}_ci95"] = [round(mean - half, 3), round(mean + half, 3)]
+    return row
+
+
+def summarize(results: dict[str, dict]) -> dict:
+    """Per suite entry (in :data:`SUITE_ORDER`): ``n_seeds``, ``seeds``, ``runs`` (experiment names)
+    and for each metric the mean over seeds, ``<m>_std`` (sample std, 0 for one seed) and, with two
+    or more seeds, ``<m>_ci95`` = [low, high] (t interval); plus the baselines' mean R@1, and the
+    same statistics of the held-out split under ``heldout`` when the runs evaluated it.
+
+    ``results``: ``{name: {variant, seed, metrics, baselines[, heldout]}}`` as
+    :func:`collect_from_dvc` returns (variant/seed are taken from the name
+    ``abl-<variant>-s<seed>`` when absent).
+    """
     summary: dict[str, dict] = {}
-    for variant in order:
-        runs = by_variant[variant]
+    for variant, runs in _by_entry(results).items():
         seeds = sorted(s for s in (r.get("seed", (parse_name(n) or (None, None))[1]) for n, r in runs.items())
                        if s is not None)
         row: dict[str, Any] = {"n_seeds": len(runs), "seeds": seeds, "runs": sorted(runs)}
-        for m in METRICS:
-            values = [float(r["metrics"][m]) for r in runs.values() if m in (r.get("metrics") or {})]
-            if not values:
-                continue
-            mean = statistics.fmean(values)
-            row[m] = round(mean, 3)
-            row[f"{m}_std"] = round(statistics.stdev(values), 3) if len(values) > 1 else 0.0
-            if len(values) > 1:
-                half = _ci95(values)
-                row[f"{m}_ci95"] = [round(mean - half, 3), round(mean + half, 3)]
+        row.update(_metric_stats(list(runs.values()), "metrics"))
         for base in BASELINES:
             values = [r["baselines"][base]["R@1"] for r in runs.values() if base in (r.get("baselines") or {})]
             if values:
                 row[f"baseline_{base}_R@1"] = round(statistics.fmean(values), 3)
+        heldout = _metric_stats(list(runs.values()), "heldout")
+        if heldout:
+            row["heldout"] = heldout
         summary[variant] = row
     return summary
 
 
-def markdown_table(summary: dict, failed: dict[str, str] | None = None) -> str:
-    """The summary as a markdown table (mean ± std over seeds), then one line per failed run."""
-    lines = ["| variant | seeds | " + " | ".join(METRICS) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in METRICS) + " |"]
+def _welch(a: list[float], b: list[float]) -> dict[str, Any]:
+    """``mean(a) - mean(b)`` with its two-sided 95 % Welch interval (unequal variances)."""
+    from scipy.stats import t
+
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        return {"diff": round(diff, 3), "ci95": [round(diff, 3), round(diff, 3)], "df": None}
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(t.ppf(0.975, df)) * se
+    return {"diff": round(diff, 3), "ci95": [round(diff - half, 3), round(diff + half, 3)], "df": round(df, 2)}
+
+
+def differences(results: dict[str, dict], reference: str = "full") -> dict[str, dict]:
+    """``reference`` minus each other suite entry with two or more seeds, per metric, on val
+    (``val``) and, when evaluated, the held-out split (``heldout``): the difference of the means
+    over seeds with its 95 % Welch interval. ``{"full - gm_only": {"val": {"R@1": {diff, ci95,
+    df}, ...}, "heldout": {...}}}``; empty when ``reference`` has fewer than two seeds."""
+    entries = _by_entry(results)
+    ref = list((entries.get(reference) or {}).values())
+    if len(ref) < 2:
+        return {}
+    out: dict[str, dict] = {}
+    for variant, runs in entries.items():
+        other = list(runs.values())
+        if variant == reference or len(other) < 2:
+            continue
+        row: dict[str, dict] = {}
+        for split, key in (("val", "metrics"), ("heldout", "heldout")):
+            cells = {}
+            for m in METRICS:
+                a = [float(r[key][m]) for r in ref if m in (r.get(key) or {})]
+                b = [float(r[key][m]) for r in other if m in (r.get(key) or {})]
+                if len(a) > 1 and len(b) > 1:
+                    cells[m] = _welch(a, b)
+            if cells:
+                row[split] = cells
+        out[f"{reference} - {variant}"] = row
+    return out
+
+
+def _stat_cells(row: dict, n_seeds: int) -> list[str]:
+    cells = []
+    for c in METRICS:
+        if c not in row:
+            cells.append("")
+        elif n_seeds > 1:
+            cells.append(f"{row[c]:.1f} ± {row[c + '_std']:.1f}")
+        else:
+            cells.append(f"{row[c]:.1f}")
+    return cells
+
+
+def markdown_table(summary: dict, failed: dict[str, str] | None = None,
+                   diffs: dict[str, dict] | None = None) -> str:
+    """The summary as a markdown table (mean ± std over seeds; then the held-out split's when the
+    runs evaluated it, and ``diffs`` from :func:`differences` with their 95 % Welch intervals),
+    then one line per failed run."""
+    head = ["| variant | seeds | " + " | ".join(METRICS) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in METRICS) + " |"]
+    lines = list(head)
     for variant, row in summary.items():
-        cells = []
-        for c in METRICS:
-            if c not in row:
-                cells.append("")
-            elif row["n_seeds"] > 1:
-                cells.append(f"{row[c]:.1f} ± {row[c + '_std']:.1f}")
-            else:
-                cells.append(f"{row[c]:.1f}")
-        lines.append(f"| {variant} | {row['n_seeds']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {variant} | {row['n_seeds']} | " + " | ".join(_stat_cells(row, row["n_seeds"])) + " |")
+    if any(row.get("heldout") for row in summary.values()):
+        lines += ["", "Held-out split (not tuned on):", "", *head]
+        for variant, row in summary.items():
+            if row.get("heldout"):
+                lines.append(f"| {variant} | {row['n_seeds']} | "
+                             + " | ".join(_stat_cells(row["heldout"], row["n_seeds"])) + " |")
+    for split, label in (("val", "val"), ("heldout", "held out")):
+        rows = {k: v[split] for k, v in (diffs or {}).items() if v.get(split)}
+        if not rows:
+            continue
+        lines += ["", f"Differences of the means over seeds, {label} (95 % Welch interval):", "",
+                  "| difference | " + " | ".join(METRICS) + " |",
+                  "| --- | " + " | ".join("---" for _ in METRICS) + " |"]
+        for name, cells in rows.items():
+            out = [f"{cells[m]['diff']:+.1f} [{cells[m]['ci95'][0]:+.1f}, {cells[m]['ci95'][1]:+.1f}]"
+                   if m in cells else "" for m in METRICS]
+            lines.append(f"| {name} | " + " | ".join(out) + " |")
     if failed:
         lines += ["", "Failed runs (not in the table):", ""]
         lines += [f"- `{name}`: {error}" for name, error in sorted(failed.items())]

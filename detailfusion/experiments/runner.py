@@ -40,6 +40,7 @@ from detailfusion.experiments.ablations import (
     AblationRun,
     DvcError,
     collect_from_dvc,
+    differences,
     dvc_executable,
     dvc_exp_show,
     error_lines,
@@ -272,8 +273,10 @@ def _open_parent(repo: Path, params, params_path: Path, run_id: str | None):
 def _finish(repo: Path, runs: list[AblationRun], results: dict, failed: dict[str, str], reused: list[str],
             summary_path, table_path, parent, log_summary, found_label: str = "reused") -> SuiteResult:
     summary = summarize(results)
+    diffs = differences(results)
     doc = {
         "variants": summary,
+        "differences": diffs,
         "runs": {r.name: {"variant": r.variant, "seed": r.seed,
                           "status": "failed" if r.name in failed else found_label if r.name in reused else "ok",
                           **({"error": failed[r.name]} if r.name in failed else
@@ -282,7 +285,7 @@ def _finish(repo: Path, runs: list[AblationRun], results: dict, failed: dict[str
         "parent_run_id": parent.run_id if parent is not None else None,
     }
     summary_file = write_json_atomic(repo / summary_path, doc)
-    table_file = write_text_atomic(repo / table_path, markdown_table(summary, failed))
+    table_file = write_text_atomic(repo / table_path, markdown_table(summary, failed, diffs))
     tracked = False
     if parent is not None:
         tracked = log_summary(parent, summary, failed, experiments=[r.name for r in runs],

@@ -70,12 +70,17 @@ def suite_parent(cfg: TrackingConfig, dataset: str, *, run_id: str | None = None
 
 
 def summary_metrics(summary: dict) -> dict[str, float]:
-    """``<variant>/<metric>`` -> mean (MLflow keys: ``full/R_at_1``), the numbers of the summary."""
+    """``<variant>/<metric>`` -> mean (MLflow keys: ``full/R_at_1``; the held-out split's as
+    ``full/heldout/R_at_1``), the numbers of the summary."""
     out = {}
     for variant, row in summary.items():
         for key, value in row.items():
             if isinstance(value, int | float) and not isinstance(value, bool) and key != "n_seeds":
                 out[mlflow_key(f"{variant}/{key}")] = float(value)
+            elif isinstance(value, dict):
+                for sub, v in value.items():
+                    if isinstance(v, int | float) and not isinstance(v, bool):
+                        out[mlflow_key(f"{variant}/{key}/{sub}")] = float(v)
         out[mlflow_key(f"{variant}/n_seeds")] = float(row.get("n_seeds", 0))
     return out
 
