@@ -306,11 +306,16 @@ def _by_entry(results: dict[str, dict]) -> dict[str, dict[str, dict]]:
     return {v: by_variant[v] for v in order}
 
 
+def _values(runs: list[dict], key: str, metric: str) -> list[float]:
+    """``run[key][metric]`` of every run that has it (``key``: ``metrics`` or ``heldout``)."""
+    return [float(r[key][metric]) for r in runs if metric in (r.get(key) or {})]
+
+
 def _metric_stats(runs: list[dict], key: str) -> dict[str, Any]:
     """Mean, sample std and (two or more runs) 95 % t interval of each metric of ``run[key]``."""
     row: dict[str, Any] = {}
     for m in METRICS:
-        values = [float(r[key][m]) for r in runs if m in (r.get(key) or {})]
+        values = _values(runs, key, m)
         if not values:
             continue
         mean = statistics.fmean(values)
@@ -381,8 +386,7 @@ def differences(results: dict[str, dict], reference: str = "full") -> dict[str, 
         for split, key in (("val", "metrics"), ("heldout", "heldout")):
             cells = {}
             for m in METRICS:
-                a = [float(r[key][m]) for r in ref if m in (r.get(key) or {})]
-                b = [float(r[key][m]) for r in other if m in (r.get(key) or {})]
+                a, b = _values(ref, key, m), _values(other, key, m)
                 if len(a) > 1 and len(b) > 1:
                     cells[m] = _welch(a, b)
             if cells:
