@@ -279,6 +279,10 @@ def test_suite_as_dvc_experiments_one_variant_failing(repo, tmp_path):  # noqa: 
     exp = collect_from_dvc(root, ["abl-gm_only-s0"], dvc=str(BIN / "dvc"))["abl-gm_only-s0"]  # eval.json read from the exp commit
     assert exp["variant"] == "gm_only" and exp["baselines"]
     assert exp["metrics"]["R@1"] == pytest.approx(summary["variants"]["gm_only"]["R@1"], abs=1e-3)
+    # the synthetic test1 (sidecar targets) is evaluated too: its metrics reach the summary
+    assert set(exp["heldout"]) == set(exp["metrics"])
+    assert exp["heldout"]["Avg"] == pytest.approx(summary["variants"]["gm_only"]["heldout"]["Avg"], abs=1e-3)
+    assert "Held-out split (not tuned on):" in table
     # --collect runs nothing and summarises the finished experiments of any commit; a missing one fails
     collected = _run(["detailfusion", "ablations", "--collect", "--variants", "gm_only,di_only", "--seeds", "0",
                       "--summary", "metrics/collected.json", "--table", "reports/collected.md"], root, env, check=False)
