@@ -181,7 +181,6 @@ def _key_values(items: list[str], what: str) -> list[str]:
 def cmd_ablations(args: argparse.Namespace) -> int:
     """The ablation suite as DVC experiments (detailfusion.experiments.runner); exit 1 if a run failed."""
     from detailfusion.errors import ConfigError
-    from detailfusion.experiments.ablations import markdown_table
     from detailfusion.experiments.runner import collect_suite, run_suite
     from detailfusion.tracking.config import find_repo_root as dvc_root
 
@@ -211,7 +210,7 @@ def cmd_ablations(args: argparse.Namespace) -> int:
                            summary_path=args.summary, table_path=args.table, log_dir=args.logs, push=args.push,
                            parent_run_id=args.parent_run_id, rerun=args.rerun, echo=not args.quiet,
                            prefix=args.prefix)  # fmt: skip
-    print(markdown_table(result.summary, result.failed))
+    print(result.table, end="")  # what the table file holds: per-variant means, held-out, Welch differences
     print(f"experiments: {', '.join(result.experiments)} (dvc exp show --only-changed)")
     if result.parent_run_id:
         print(f"MLflow parent run: {result.parent_run_id}")

@@ -268,6 +268,7 @@ def test_suite_as_dvc_experiments_one_variant_failing(repo, tmp_path):  # noqa: 
     assert summary["runs"]["abl-gm_only-s0"]["status"] == "ok"
     table = (root / "reports" / "ablations.md").read_text()
     assert "| gm_only | 1 |" in table and "`abl-di_only-s0`" in table
+    assert table in done.stdout  # the CLI prints the very table it wrote (held-out and differences included)
     assert (root / "reports" / "ablation_logs" / "abl-di_only-s0.log").is_file()
     # the workspace is untouched (--temp): params.yaml still the baseline's
     assert yaml.safe_load((root / "params.yaml").read_text())["model"]["variant"] == "full"
@@ -288,6 +289,7 @@ def test_suite_as_dvc_experiments_one_variant_failing(repo, tmp_path):  # noqa: 
                       "--summary", "metrics/collected.json", "--table", "reports/collected.md"], root, env, check=False)
     assert collected.returncode == 1 and "abl-di_only-s0: no finished experiment" in collected.stderr, collected.stderr
     doc = json.loads((root / "metrics" / "collected.json").read_text())
+    assert (root / "reports" / "collected.md").read_text() in collected.stdout
     assert doc["variants"] == summary["variants"] and doc["runs"]["abl-gm_only-s0"]["status"] == "collected"
     assert doc["runs"]["abl-gm_only-s0"]["baseline"] == _run(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
     bad = _run(["detailfusion", "ablations", "--collect", "--rerun"], root, env, check=False)

@@ -60,13 +60,16 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class SuiteResult:
-    """What :func:`run_suite` did: the summary, the failures (``{name: error}``), the MLflow parent."""
+    """What :func:`run_suite` did: the summary, the failures (``{name: error}``), the MLflow parent,
+    the Welch differences and the markdown table written to the table file (the CLI prints it)."""
 
     summary: dict
     failed: dict[str, str]
     experiments: list[str]
     parent_run_id: str | None
     tracked: bool
+    differences: dict = dataclasses.field(default_factory=dict)
+    table: str = ""
 
     @property
     def ok(self) -> bool:
@@ -285,11 +288,13 @@ def _finish(repo: Path, runs: list[AblationRun], results: dict, failed: dict[str
         "parent_run_id": parent.run_id if parent is not None else None,
     }
     summary_file = write_json_atomic(repo / summary_path, doc)
-    table_file = write_text_atomic(repo / table_path, markdown_table(summary, failed, diffs))
+    table = markdown_table(summary, failed, diffs)
+    table_file = write_text_atomic(repo / table_path, table)
     tracked = False
     if parent is not None:
         tracked = log_summary(parent, summary, failed, experiments=[r.name for r in runs],
                               files=[summary_file, table_file])  # fmt: skip
         if not tracked:
             print(f"warning: the summary could not be logged to MLflow run {parent.run_id}", file=sys.stderr)
-    return SuiteResult(summary, failed, [r.name for r in runs], parent.run_id if parent else None, tracked)
+    return SuiteResult(summary, failed, [r.name for r in runs], parent.run_id if parent else None, tracked,
+                       differences=diffs, table=table)
