@@ -60,15 +60,14 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class SuiteResult:
-    """What :func:`run_suite` did: the summary, the failures (``{name: error}``), the MLflow parent,
-    the Welch differences and the markdown table written to the table file (the CLI prints it)."""
+    """What :func:`run_suite` did: the summary, the failures (``{name: error}``), the MLflow parent
+    and the markdown table written to the table file (the CLI prints it)."""
 
     summary: dict
     failed: dict[str, str]
     experiments: list[str]
     parent_run_id: str | None
     tracked: bool
-    differences: dict = dataclasses.field(default_factory=dict)
     table: str = ""
 
     @property
@@ -297,4 +296,4 @@ def _finish(repo: Path, runs: list[AblationRun], results: dict, failed: dict[str
         if not tracked:
             print(f"warning: the summary could not be logged to MLflow run {parent.run_id}", file=sys.stderr)
     return SuiteResult(summary, failed, [r.name for r in runs], parent.run_id if parent else None, tracked,
-                       differences=diffs, table=table)
+                       table=table)
