@@ -16,8 +16,10 @@ replaces the others (``--rerun`` replaces all). Inside an experiment, a stage wh
 params match the baseline's ``dvc.lock`` is skipped (the data stages, the pretrained backbone,
 and any training stage the run's overrides leave as it is); ``validate`` and ``evaluate``, whose
 outputs are not cached, run each time. DVC's run cache does not help across experiments here: it skips every
-stage with an uncached output, and each training stage writes its metrics file uncached (so that
-git tracks it), so two experiments with the same params both train.
+stage with an uncached output that is not a DVC metric or plot, and each training stage (the
+backbone's pretraining included) writes its metrics file as an uncached output (git tracks it;
+an output, not a metric, so that ``dvc metrics show`` stays one readable row), so two experiments
+with the same params both train.
 """
 
 from __future__ import annotations
