@@ -8,6 +8,11 @@ data-set I/O. Each (config, stage) runs in its own subprocess so peak memory is 
     python bench/train_throughput.py                       # tiny default + ViT-B-32 @ 224 on CPU
     python bench/train_throughput.py --configs tiny --steps 20
     python bench/train_throughput.py --device cuda --amp bf16 --configs vit-b-32 --batch 128
+    python bench/train_throughput.py --configs tiny --stages stage2_branches --compile   # torch.compile'd forward
+
+``--compile`` runs the task's forward (and so its backward) through ``torch.compile`` (inductor;
+on the CPU it needs a C++ compiler); the warm-up steps then include the compilation, reported as
+``warmup_s``, and the timed steps are the compiled ones.
 
 Prints a markdown table and writes JSON (``--out``).
 """
@@ -49,7 +54,7 @@ def _fake_triplets(n: int, n_images: int, seed: int):
 
 
 def run_stage(config: str, stage: str, batch: int, steps: int, warmup: int, device: str, amp: str,
-              threads: int) -> dict:
+              threads: int, compile_forward: bool = False) -> dict:
     from dataclasses import replace
 
     import numpy as np
@@ -100,12 +105,17 @@ def run_stage(config: str, stage: str, batch: int, steps: int, warmup: int, devi
     scheduler = build_scheduler(opt, cfg)
     autocast, scaler = autocast_for(dev, amp)
     task.train()
+    engine = torch.compile(task) if compile_forward else None
 
     def one_step(step: int) -> None:
-        train_step(task, opt, scheduler, cfg, step, device=dev, autocast=autocast, scaler=scaler)
+        train_step(task, opt, scheduler, cfg, step, device=dev, engine=engine, autocast=autocast, scaler=scaler)
 
+    t_warm = time.perf_counter()
     for s in range(warmup):
         one_step(s)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t_warm
     flops = None
     if dev.type == "cuda":
         from torch.utils.flop_counter import FlopCounterMode
@@ -122,9 +132,10 @@ def run_stage(config: str, stage: str, batch: int, steps: int, warmup: int, devi
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     out = {
-        "config": config, "stage": stage, "device": str(dev), "amp": amp, "batch": batch, "steps": steps,
-        "threads": torch.get_num_threads(), "samples_per_s": round(batch * steps / dt, 2),
-        "step_s": round(dt / steps, 4),
+        "config": config, "stage": stage, "device": str(dev), "amp": amp, "compile": compile_forward,
+        "batch": batch, "steps": steps, "threads": torch.get_num_threads(),
+        "samples_per_s": round(batch * steps / dt, 2), "step_s": round(dt / steps, 4),
+        "warmup_steps": warmup, "warmup_s": round(warmup_s, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     if dev.type == "cuda":
@@ -148,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="off", choices=["off", "bf16", "fp16", "auto"])
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the task's forward (warm-up compiles)")
     ap.add_argument("--out", default="bench/results/train_throughput.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config:stage in this process
     args = ap.parse_args(argv)
@@ -155,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         config, stage = args.one.split(":")
         print(json.dumps(run_stage(config, stage, args.batch, args.steps, args.warmup, args.device, args.amp,
-                                   args.threads)))
+                                   args.threads, args.compile)))
         return 0
 
     rows = []
@@ -165,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         for stage in args.stages.split(","):
             cmd = [sys.executable, __file__, "--one", f"{config}:{stage}", "--batch", str(batch), "--steps",
                    str(steps), "--warmup", str(args.warmup), "--device", args.device, "--amp", args.amp,
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), *(["--compile"] if args.compile else [])]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 print(done.stderr[-2000:], file=sys.stderr)
@@ -175,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")
-    cols = ["config", "stage", "device", "batch", "samples_per_s", "step_s", "peak_rss_mb", "peak_gpu_mem_mb", "mfu"]
+    cols = ["config", "stage", "device", "compile", "batch", "samples_per_s", "step_s", "warmup_s", "peak_rss_mb",
+            "peak_gpu_mem_mb", "mfu"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
