@@ -204,12 +204,13 @@ def cmd_ablations(args: argparse.Namespace) -> int:
         if ignored:
             raise ConfigError(f"--collect runs nothing, so {', '.join(ignored)} would be ignored; drop them")
         result = collect_suite(repo, variants=variants, seeds=seeds, summary_path=args.summary, table_path=args.table,
-                               parent_run_id=args.parent_run_id, prefix=args.prefix)  # fmt: skip
+                               parent_run_id=args.parent_run_id, prefix=args.prefix,
+                               every_seed=args.every_seed)  # fmt: skip
     else:
         result = run_suite(repo, variants=variants, seeds=seeds, budget_scale=args.budget_scale, extra_params=extra,
                            summary_path=args.summary, table_path=args.table, log_dir=args.logs, push=args.push,
                            parent_run_id=args.parent_run_id, rerun=args.rerun, echo=not args.quiet,
-                           prefix=args.prefix)  # fmt: skip
+                           prefix=args.prefix, every_seed=args.every_seed)  # fmt: skip
     print(result.table, end="")  # what the table file holds: per-variant means, held-out, Welch differences
     print(f"experiments: {', '.join(result.experiments)} (dvc exp show --only-changed)")
     if result.parent_run_id:
@@ -288,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help="comma-separated suite entries (default: all: the six variants and "
                                       "no_pretrain_dropped)")
     p.add_argument("--seeds", help="comma-separated seeds for full/gm_only/no_pretrain/no_pretrain_dropped "
-                                   "(default: 0,1,2; the others run the first)")
+                                   "(default: 0,1,2; the others run the first unless --every-seed)")
+    p.add_argument("--every-seed", action="store_true",
+                   help="every suite entry runs (or --collect expects) every seed, not only the four above")
     p.add_argument("--summary", default="metrics/ablations.json", help="summary JSON path")
     p.add_argument("--table", default="reports/ablations.md", help="markdown table path")
     p.add_argument("--logs", default="reports/ablation_logs", help="folder for each experiment's full output")

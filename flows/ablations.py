@@ -82,15 +82,17 @@ def ablations(
     repo_url: str | None = None,
     train_deployment: str = TRAIN_DEPLOYMENT,
     keep_workdir: bool = False,
+    every_seed: bool = False,
 ) -> dict[str, Any]:
-    """Run the suite: ``variants`` x ``seeds`` as in ``method.md`` (``plan``), ``budget_scale`` on
+    """Run the suite: ``variants`` x ``seeds`` as in ``method.md`` (``plan``; ``every_seed``: every
+    seed for every entry, not only the multi-seed ones), ``budget_scale`` on
     every stage's steps alike, ``overrides`` for all runs, ``variant_overrides`` ({variant: {dotted
     key: value}}) for single variants. Fails at the end, after the summary, if any run failed."""
     logger = get_run_logger()
     url = repo_url_or_default(repo_url)
     workdir = str(run_workdir("ablations"))
     prefix = f"abl-{str(flow_run.id or 'local')[:8]}"
-    runs = suite.plan(variants, seeds, prefix=prefix)
+    runs = suite.plan(variants, seeds, prefix=prefix, every_seed=every_seed)
     checkout(url, revision, workdir)
     configure_dvc_remote(workdir)
     params = apply_overrides(workdir, {**(overrides or {}), "stage2_branches.dataset": dataset})

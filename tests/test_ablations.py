@@ -58,6 +58,11 @@ def test_plan_names_and_multi_seed_only_where_asked():
     assert parse_name("pipeline-647a0ddc-green-crow") is None
     assert [r.name for r in plan(["gm_only", "avg_fusion"], [5, 7], prefix="x-y")] == [
         "x-y-gm_only-s5", "x-y-gm_only-s7", "x-y-avg_fusion-s5"]
+    assert [r.name for r in plan(["gm_only", "avg_fusion"], [5, 7], prefix="x-y", every_seed=True)] == [
+        "x-y-gm_only-s5", "x-y-gm_only-s7", "x-y-avg_fusion-s5", "x-y-avg_fusion-s7"]
+    every = plan(every_seed=True)
+    assert len(every) == 3 * len(SUITE_ORDER)
+    assert {r.name for r in runs} < {r.name for r in every}
 
 
 @pytest.mark.parametrize("variants,seeds,match", [
@@ -288,6 +293,13 @@ def test_suite_as_dvc_experiments_one_variant_failing(repo, tmp_path):  # noqa: 
     collected = _run(["detailfusion", "ablations", "--collect", "--variants", "gm_only,di_only", "--seeds", "0",
                       "--summary", "metrics/collected.json", "--table", "reports/collected.md"], root, env, check=False)
     assert collected.returncode == 1 and "abl-di_only-s0: no finished experiment" in collected.stderr, collected.stderr
+    assert "s1" not in collected.stderr
+    # --every-seed: the single-seed entries are expected at every seed too
+    every = _run(["detailfusion", "ablations", "--collect", "--every-seed", "--variants", "gm_only,di_only", "--seeds",
+                  "0,1", "--summary", "metrics/every.json", "--table", "reports/every.md"], root, env, check=False)
+    assert every.returncode == 1 and "3 of 4 ablation runs failed" in every.stderr, every.stderr
+    assert all(f"{n}: no finished experiment" in every.stderr for n in ("abl-gm_only-s1", "abl-di_only-s0",
+                                                                        "abl-di_only-s1")), every.stderr
     doc = json.loads((root / "metrics" / "collected.json").read_text())
     assert (root / "reports" / "collected.md").read_text() in collected.stdout
     assert doc["variants"] == summary["variants"] and doc["runs"]["abl-gm_only-s0"]["status"] == "collected"

@@ -91,9 +91,10 @@ def parse_name(name: str) -> tuple[str, int] | None:
 
 
 def plan(variants: list[str] | None = None, seeds: list[int] | None = None, *,
-         prefix: str = NAME_PREFIX) -> list[AblationRun]:
+         prefix: str = NAME_PREFIX, every_seed: bool = False) -> list[AblationRun]:
     """The suite's runs: every seed for the entries in :data:`MULTI_SEED`, the first seed for the
-    others (the ``method.md`` protocol). Unknown or repeated variants/seeds raise ConfigError."""
+    others (the ``method.md`` protocol), or every seed for every entry with ``every_seed``.
+    Unknown or repeated variants/seeds raise ConfigError."""
     variants = list(SUITE_ORDER if variants is None else variants)
     seeds = list(DEFAULT_SEEDS if seeds is None else seeds)
     unknown = [v for v in variants if v not in SUITE_ORDER]
@@ -105,7 +106,8 @@ def plan(variants: list[str] | None = None, seeds: list[int] | None = None, *,
         raise ConfigError(f"ablations: seeds must be non-empty, unique integers >= 0, got {seeds}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", prefix):
         raise ConfigError(f"ablations: experiment name prefix {prefix!r} must be letters, digits, '.', '_', '-'")
-    return [AblationRun(v, s, prefix) for v in variants for s in (seeds if v in MULTI_SEED else seeds[:1])]
+    return [AblationRun(v, s, prefix) for v in variants
+            for s in (seeds if every_seed or v in MULTI_SEED else seeds[:1])]
 
 
 def set_params(run: AblationRun, budget_scale: float = 1.0,

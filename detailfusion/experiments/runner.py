@@ -148,9 +148,10 @@ def run_suite(repo_dir: str | Path = ".", *, variants: list[str] | None = None, 
               summary_path: str | Path = "metrics/ablations.json", table_path: str | Path = "reports/ablations.md",
               log_dir: str | Path = "reports/ablation_logs", push: str | None = None,
               parent_run_id: str | None = None, rerun: bool = False, echo: bool = True,
-              dvc: str | None = None, prefix: str = NAME_PREFIX) -> SuiteResult:
-    """Run every planned experiment, collect their metrics from DVC, write the summary JSON and
-    table and log them to the MLflow parent. ``extra_params``: more ``-S key=value`` for every
+              dvc: str | None = None, prefix: str = NAME_PREFIX, every_seed: bool = False) -> SuiteResult:
+    """Run every planned experiment (:func:`plan`; ``every_seed``: every seed for every entry),
+    collect their metrics from DVC, write the summary JSON and table and log them to the MLflow
+    parent. ``extra_params``: more ``-S key=value`` for every
     run (key None) or for one variant (key = variant name). ``push``: a git remote to
     ``dvc exp push`` each finished experiment to. An experiment of the same name at this baseline
     that finished with the same params is reused (resume) unless ``rerun``. ``prefix`` names the
@@ -162,7 +163,7 @@ def run_suite(repo_dir: str | Path = ".", *, variants: list[str] | None = None, 
     dvc = dvc or dvc_executable()
     params_path = repo / "params.yaml"
     params = load_params(params_path)
-    runs = plan(variants, seeds, prefix=prefix)
+    runs = plan(variants, seeds, prefix=prefix, every_seed=every_seed)
     extra = extra_params or {}
     bad = sorted(k for k in extra if k is not None and k not in {r.variant for r in runs})
     if bad:
@@ -242,7 +243,7 @@ def _run_all(repo: Path, runs: list[AblationRun], set_args: dict[str, list[str]]
 def collect_suite(repo_dir: str | Path, variants: list[str] | None = None, seeds: list[int] | None = None, *,
                   summary_path: str | Path = "metrics/ablations.json", table_path: str | Path = "reports/ablations.md",
                   parent_run_id: str | None = None, dvc: str | None = None,
-                  prefix: str = NAME_PREFIX) -> SuiteResult:
+                  prefix: str = NAME_PREFIX, every_seed: bool = False) -> SuiteResult:
     """Run nothing: summarise the suite's experiments that finished at ANY commit of ``repo_dir``
     (the newest of each name; e.g. pulled from GPU workers with ``dvc exp pull``, or run at
     earlier commits whose stage code is the same), write the summary JSON and table and log them
@@ -254,7 +255,7 @@ def collect_suite(repo_dir: str | Path, variants: list[str] | None = None, seeds
     dvc = dvc or dvc_executable()
     params_path = repo / "params.yaml"
     params = load_params(params_path)
-    runs = plan(variants, seeds, prefix=prefix)
+    runs = plan(variants, seeds, prefix=prefix, every_seed=every_seed)
     results = collect_from_dvc(repo, [r.name for r in runs], all_commits=True, dvc=dvc)
     missing = {r.name: "no finished experiment of this name at any commit" for r in runs if r.name not in results}
     parent = _open_parent(repo, params, params_path, parent_run_id)
