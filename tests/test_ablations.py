@@ -160,11 +160,23 @@ def test_summary_heldout_and_welch_differences():
     cell = diffs["full - gm_only"]["val"]["R@1"]
     assert cell["diff"] == 3.5 and cell["ci95"] == pytest.approx([3.5 - half, 3.5 + half], abs=1e-3)
     assert diffs["full - gm_only"]["heldout"]["Avg"]["diff"] == 4.0
+    # paired by seed: seeds 0 and 1 are common, differences 10 - 8 and 12 - 9
+    paired = cell["paired"]
+    p_half = scipy_t.ppf(0.975, 1) * math.sqrt(0.5) / math.sqrt(2)
+    assert paired["diff"] == 2.5 and paired["seeds"] == [0, 1]
+    assert paired["ci95"] == pytest.approx([2.5 - p_half, 2.5 + p_half], abs=1e-3)
+    assert diffs["full - gm_only"]["heldout"]["R@1"]["paired"]["diff"] == 2.0  # (20 - 19 + 22 - 19) / 2
     assert differences({"abl-full-s0": _eval(1.0), "abl-gm_only-s0": _eval(1.0), "abl-gm_only-s1": _eval(2.0)}) == {}
     table = markdown_table(summary, diffs=diffs)
     assert "Held-out split (not tuned on):" in table and "| full | 3 | 23.0 ± 3.6 |" in table
     assert f"| full - gm_only | +3.5 [{3.5 - half:+.1f}, {3.5 + half:+.1f}] |" in table
     assert "held out (95 % Welch interval)" in table
+    assert "Same-seed differences, val (mean, 95 % t interval):" in table
+    assert f"| full - gm_only | +2.5 [{2.5 - p_half:+.1f}, {2.5 + p_half:+.1f}] |" in table
+    # seeds that do not match give no paired interval
+    shifted = {f"abl-gm_only-s{s}": {"variant": "gm_only", "seed": s, **_eval(v)} for s, v in ((5, 8.0), (6, 9.0))}
+    lone = differences({k: v for k, v in results.items() if "full" in k} | shifted)
+    assert "paired" not in lone["full - gm_only"]["val"]["R@1"] and "Same-seed" not in markdown_table({}, diffs=lone)
     keys = summary_metrics(summary)
     assert keys["full/heldout/R_at_1"] == 23.0 and keys["full/R_at_1"] == 12.0
     assert not any(k.endswith("ci95") for k in keys)  # intervals are lists: in the JSON, not metrics

@@ -341,8 +341,7 @@ def summarize(results: dict[str, dict]) -> dict:
     """
     summary: dict[str, dict] = {}
     for variant, runs in _by_entry(results).items():
-        seeds = sorted(s for s in (r.get("seed", (parse_name(n) or (None, None))[1]) for n, r in runs.items())
-                       if s is not None)
+        seeds = sorted(s for s in (_seed_of(n, r) for n, r in runs.items()) if s is not None)
         row: dict[str, Any] = {"n_seeds": len(runs), "seeds": seeds, "runs": sorted(runs)}
         row.update(_metric_stats(list(runs.values()), "metrics"))
         for base in BASELINES:
@@ -370,13 +369,48 @@ def _welch(a: list[float], b: list[float]) -> dict[str, Any]:
     return {"diff": round(diff, 3), "ci95": [round(diff - half, 3), round(diff + half, 3)], "df": round(df, 2)}
 
 
+def _paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
+    """Mean of ``a[s] - b[s]`` over the seeds both have, with the two-sided 95 % t interval of that
+    mean (``n - 1`` degrees of freedom); None with fewer than two common seeds."""
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+        return None
+    d = [a[s] - b[s] for s in common]
+    mean = statistics.fmean(d)
+    half = _ci95(d)
+    return {"diff": round(mean, 3), "ci95": [round(mean - half, 3), round(mean + half, 3)], "seeds": common}
+
+
+def _seed_of(name: str, res: dict) -> int | None:
+    seed = res.get("seed")
+    if seed is None:
+        parsed = parse_name(name)
+        seed = parsed[1] if parsed else None
+    return seed
+
+
+def _by_seed(runs: dict[str, dict], key: str, metric: str) -> dict[int, float]:
+    """``{seed: run[key][metric]}`` of the runs that have it and a seed."""
+    out = {}
+    for name, r in runs.items():
+        seed = _seed_of(name, r)
+        if seed is not None and metric in (r.get(key) or {}):
+            out[seed] = float(r[key][metric])
+    return out
+
+
 def differences(results: dict[str, dict], reference: str = "full") -> dict[str, dict]:
     """``reference`` minus each other suite entry with two or more seeds, per metric, on val
     (``val``) and, when evaluated, the held-out split (``heldout``): the difference of the means
-    over seeds with its 95 % Welch interval. ``{"full - gm_only": {"val": {"R@1": {diff, ci95,
-    df}, ...}, "heldout": {...}}}``; empty when ``reference`` has fewer than two seeds."""
+    over seeds with its 95 % Welch interval, and under ``paired`` the mean of the same-seed
+    differences with its 95 % t interval when two or more seeds are common (a seed fixes the
+    batches and the initialisation of every variant alike, and variants that train the same
+    branches share them bit for bit, e.g. ``full`` and ``avg_fusion`` up to stage 2).
+    ``{"full - gm_only": {"val": {"R@1": {diff, ci95, df, paired: {diff, ci95, seeds}}, ...},
+    "heldout": {...}}}``; empty when ``reference`` has fewer than two seeds."""
     entries = _by_entry(results)
-    ref = list((entries.get(reference) or {}).values())
+    ref_runs = entries.get(reference) or {}
+    ref = list(ref_runs.values())
     if len(ref) < 2:
         return {}
     out: dict[str, dict] = {}
@@ -391,6 +425,9 @@ def differences(results: dict[str, dict], reference: str = "full") -> dict[str, 
                 a, b = _values(ref, key, m), _values(other, key, m)
                 if len(a) > 1 and len(b) > 1:
                     cells[m] = _welch(a, b)
+                    paired = _paired(_by_seed(ref_runs, key, m), _by_seed(runs, key, m))
+                    if paired is not None:
+                        cells[m]["paired"] = paired
             if cells:
                 row[split] = cells
         out[f"{reference} - {variant}"] = row
@@ -412,8 +449,8 @@ def _stat_cells(row: dict, n_seeds: int) -> list[str]:
 def markdown_table(summary: dict, failed: dict[str, str] | None = None,
                    diffs: dict[str, dict] | None = None) -> str:
     """The summary as a markdown table (mean ± std over seeds; then the held-out split's when the
-    runs evaluated it, and ``diffs`` from :func:`differences` with their 95 % Welch intervals),
-    then one line per failed run."""
+    runs evaluated it, and ``diffs`` from :func:`differences` with their 95 % Welch intervals and
+    their same-seed (paired) intervals), then one line per failed run."""
     head = ["| variant | seeds | " + " | ".join(METRICS) + " |",
             "| --- | --- | " + " | ".join("---" for _ in METRICS) + " |"]
     lines = list(head)
@@ -427,15 +464,19 @@ def markdown_table(summary: dict, failed: dict[str, str] | None = None,
                              + " | ".join(_stat_cells(row["heldout"], row["n_seeds"])) + " |")
     for split, label in (("val", "val"), ("heldout", "held out")):
         rows = {k: v[split] for k, v in (diffs or {}).items() if v.get(split)}
-        if not rows:
-            continue
-        lines += ["", f"Differences of the means over seeds, {label} (95 % Welch interval):", "",
-                  "| difference | " + " | ".join(METRICS) + " |",
-                  "| --- | " + " | ".join("---" for _ in METRICS) + " |"]
-        for name, cells in rows.items():
-            out = [f"{cells[m]['diff']:+.1f} [{cells[m]['ci95'][0]:+.1f}, {cells[m]['ci95'][1]:+.1f}]"
-                   if m in cells else "" for m in METRICS]
-            lines.append(f"| {name} | " + " | ".join(out) + " |")
+        for title, pick in (("Differences of the means over seeds, {} (95 % Welch interval):", lambda c: c),
+                            ("Same-seed differences, {} (mean, 95 % t interval):", lambda c: c.get("paired"))):
+            table = {name: {m: pick(c) for m, c in cells.items() if pick(c)} for name, cells in rows.items()}
+            table = {name: cells for name, cells in table.items() if cells}
+            if not table:
+                continue
+            lines += ["", title.format(label), "",
+                      "| difference | " + " | ".join(METRICS) + " |",
+                      "| --- | " + " | ".join("---" for _ in METRICS) + " |"]
+            for name, cells in table.items():
+                out = [f"{cells[m]['diff']:+.1f} [{cells[m]['ci95'][0]:+.1f}, {cells[m]['ci95'][1]:+.1f}]"
+                       if m in cells else "" for m in METRICS]
+                lines.append(f"| {name} | " + " | ".join(out) + " |")
     if failed:
         lines += ["", "Failed runs (not in the table):", ""]
         lines += [f"- `{name}`: {error}" for name, error in sorted(failed.items())]
