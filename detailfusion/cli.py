@@ -211,7 +211,7 @@ def cmd_ablations(args: argparse.Namespace) -> int:
                            summary_path=args.summary, table_path=args.table, log_dir=args.logs, push=args.push,
                            parent_run_id=args.parent_run_id, rerun=args.rerun, echo=not args.quiet,
                            prefix=args.prefix, every_seed=args.every_seed)  # fmt: skip
-    print(result.table, end="")  # what the table file holds: per-variant means, held-out, Welch differences
+    print(result.table, end="")  # what the table file holds: per-variant means, held-out, Welch and same-seed differences
     print(f"experiments: {', '.join(result.experiments)} (dvc exp show --only-changed)")
     if result.parent_run_id:
         print(f"MLflow parent run: {result.parent_run_id}")

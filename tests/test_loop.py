@@ -34,6 +34,7 @@ from detailfusion.train.tasks import (
     DetailPretrainTask,
     FusionTask,
     LoopTask,
+    TargetBank,
     info_nce,
     param_groups,
 )
@@ -342,9 +343,11 @@ def test_fp16_with_grad_scaler_on_cuda():
 # --------------------------------------------------------------------------- InfoNCE
 
 
-def _info_nce_loops(q: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, extra: torch.Tensor | None):
-    """InfoNCE written out: for query i, the logits against every target j and against each of
-    its own extra negatives that is not an all-zero row; loss_i = logsumexp - logit_ii."""
+def _info_nce_loops(q: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, extra: torch.Tensor | None,
+                    bank: torch.Tensor | None = None, bank_mask: torch.Tensor | None = None):
+    """InfoNCE written out: for query i, the logits against every target j, against each of its
+    own extra negatives that is not an all-zero row and against each bank entry its mask keeps;
+    loss_i = logsumexp - logit_ii."""
     losses = []
     for i in range(q.shape[0]):
         logits = [scale * sum(q[i, d] * t[j, d] for d in range(q.shape[1])) for j in range(t.shape[0])]
@@ -352,25 +355,33 @@ def _info_nce_loops(q: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, extra
             for m in range(extra.shape[1]):
                 if any(float(extra[i, m, d]) != 0 for d in range(extra.shape[2])):
                     logits.append(scale * sum(q[i, d] * extra[i, m, d] for d in range(q.shape[1])))
+        if bank is not None:
+            for k in range(bank.shape[0]):
+                if not bool(bank_mask[i, k]):
+                    logits.append(scale * sum(q[i, d] * bank[k, d] for d in range(q.shape[1])))
         losses.append(torch.log(sum(torch.exp(x) for x in logits)) - logits[i])
     return sum(losses) / len(losses)
 
 
-@pytest.mark.parametrize("with_extra", [False, True])
-def test_info_nce_matches_a_brute_force_reference(with_extra):
+@pytest.mark.parametrize("with_extra,with_bank", [(False, False), (True, False), (False, True), (True, True)])
+def test_info_nce_matches_a_brute_force_reference(with_extra, with_bank):
     g = torch.Generator().manual_seed(0)
-    b, d, m = 5, 6, 3
+    b, d, m, k = 5, 6, 3, 7
     q = F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
     t = F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1)
     scale = torch.tensor(4.0, dtype=torch.float64)
-    extra = None
+    extra = bank = bank_mask = None
     if with_extra:
         extra = F.normalize(torch.randn(b, m, d, generator=g, dtype=torch.float64), dim=-1)
         extra[1, 2] = 0  # a missing set member
         extra[3] = 0  # a query with no extra negative at all
-    got = info_nce(q, t, scale, extra)
+    if with_bank:
+        bank = F.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=-1)
+        bank_mask = torch.rand(b, k, generator=g) < 0.3
+        bank_mask[2] = True  # a query for which no entry is a negative
+    got = info_nce(q, t, scale, extra, bank, bank_mask)
     (grad_got,) = torch.autograd.grad(got, q)
-    want = _info_nce_loops(q, t, scale, extra)
+    want = _info_nce_loops(q, t, scale, extra, bank, bank_mask)
     (grad_want,) = torch.autograd.grad(want, q)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)  # info_nce's logits go through fp32
     torch.testing.assert_close(grad_got, grad_want, rtol=1e-5, atol=1e-6)
@@ -378,6 +389,110 @@ def test_info_nce_matches_a_brute_force_reference(with_extra):
         assert got.item() > info_nce(q, t, scale).item()
         empty = torch.zeros(b, 0, d, dtype=torch.float64)
         assert info_nce(q, t, scale, empty).item() == info_nce(q, t, scale).item()
+    if with_bank:
+        assert got.item() > info_nce(q, t, scale, extra).item()
+        nothing = torch.ones(b, k, dtype=torch.bool)  # every entry masked = no bank
+        assert info_nce(q, t, scale, extra, bank, nothing).item() == info_nce(q, t, scale, extra).item()
+
+
+# --------------------------------------------------------------------------- stage 2's target bank
+
+
+def test_target_bank_is_first_in_first_out_and_masks_the_query_own_images():
+    bank = TargetBank(4)
+    assert bank.negatives(torch.tensor([0]), torch.tensor([1])) == (None, None) and len(bank) == 0
+    emb = torch.eye(6)[:, :3]  # row r: a recognisable vector (rows 3..5 are zero)
+    bank.push(emb[:3], torch.tensor([10, 11, 12]))
+    got, mask = bank.negatives(torch.tensor([11, 20]), torch.tensor([12, 21]))
+    assert got.shape == (4, 3) and len(bank) == 3
+    # query 0: its target 11 and reference 12 are no negatives; the empty fourth slot neither
+    assert mask.tolist() == [[False, True, True, True], [False, False, False, True]]
+    bank.push(emb[3:5] + 1, torch.tensor([13, 14]))  # wraps: 14 overwrites the oldest (10)
+    assert bank.index.tolist() == [14, 11, 12, 13] and bank.ptr == 1
+    torch.testing.assert_close(bank.emb[0], emb[4] + 1)
+    bank.push(torch.arange(18.0).view(6, 3), torch.arange(100, 106))  # more than it holds: the last 4
+    assert sorted(bank.index.tolist()) == [102, 103, 104, 105] and len(bank) == 4
+    restored = TargetBank(4)
+    restored.load_state(bank.state())
+    assert torch.equal(restored.emb, bank.emb) and torch.equal(restored.index, bank.index)
+    assert restored.ptr == bank.ptr
+    with pytest.raises(ValueError, match="target bank of 4 entries, bank_size is 8"):
+        TargetBank(8).load_state(bank.state())
+    with pytest.raises(ValueError, match="bank_size: must be >= 0"):
+        TargetBank(-1)
+    off = TargetBank(0)
+    off.push(emb, torch.arange(6))
+    assert off.negatives(torch.tensor([0]), torch.tensor([1])) == (None, None)
+
+
+def _bank_on_rank(rank: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        bank = TargetBank(6)
+        bank.push(torch.full((2, 3), float(rank)), torch.tensor([10 * rank, 10 * rank + 1]))
+        torch.save(bank.state(), f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_target_bank_gathers_every_rank_targets_under_ddp(tmp_path):
+    torch.multiprocessing.spawn(_bank_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for state in states:  # both ranks hold both ranks' targets, in rank order
+        assert state["index"].tolist() == [0, 1, 10, 11, -1, -1] and state["ptr"] == 4
+        assert state["emb"][:4, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def _stage2_task(bank_size: int, init_seed: int = 0):
+    from detailfusion.models import create_model
+
+    torch.manual_seed(init_seed)
+    model = create_model("tiny", variant="full")
+    n = 24
+    rng = np.random.default_rng(0)
+    trip = Triplets(query_ids=[str(i) for i in range(n)], ref=np.arange(n), target=(np.arange(n) + 1) % n,
+                    captions=[["make it red"]] * n, texts=[f"make it {i}" for i in range(n)], group=np.full(n, -1),
+                    negatives=np.full((n, 4), -1), dataset="cirr")  # fmt: skip
+    pixels = rng.integers(0, 256, (n, model.image_size, model.image_size, 3), dtype=np.uint8)
+    return BranchFinetuneTask(model, trip, pixels, StepSampler(trip.group, 4, 0), 0, hard_negatives=0,
+                              bank_size=bank_size)
+
+
+def test_stage2_bank_adds_earlier_targets_as_negatives_and_resumes_exactly(tmp_path):
+    cfg = _cfg(max_steps=5, batch_size=4)
+    plain = _stage2_task(0)
+    run_training(plain, cfg, tmp_path / "plain", progress=False)
+    ref = _stage2_task(8)
+    ref_summary = run_training(ref, cfg, tmp_path / "ref", progress=False)
+    assert len(ref.bank) == 8 and ref.bank.ptr == (5 * 4) % 8
+    # the first step has an empty bank (same loss as without one); later steps see 4 or 8 more negatives
+    assert not all(torch.equal(a, b) for a, b in zip(_params(plain).values(), _params(ref).values(), strict=True))
+
+    def stop_after_step_3(step, logs):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    task = _stage2_task(8)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(task, cfg, tmp_path / "run", on_log=stop_after_step_3, progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["step"] == 3 and state["task_state"]["bank"]["index"].ge(0).sum() == 8
+    resumed = _stage2_task(8, init_seed=5)  # other weights, empty bank: all comes from the checkpoint
+    summary = run_training(resumed, cfg, tmp_path / "run", progress=False)
+    assert summary["resumed_from"] == 3
+    assert {k: summary[k] for k in summary if k.startswith("final_")} == {
+        k: ref_summary[k] for k in ref_summary if k.startswith("final_")}
+    want = _params(ref)
+    assert all(torch.equal(v, want[k]) for k, v in _params(resumed).items())
+    assert torch.equal(resumed.bank.emb, ref.bank.emb) and torch.equal(resumed.bank.index, ref.bank.index)
+
+    # a checkpoint written without the bank (older code, or bank_size 0) is refused, not half-restored
+    other = tmp_path / "other"
+    run_training(_stage2_task(0), _cfg(max_steps=2, batch_size=4), other, progress=False)
+    torch.save({k: v for k, v in torch.load(other / "checkpoints" / "last.pt", weights_only=True).items()
+                if k != "task_state"}, other / "checkpoints" / "last.pt")
+    with pytest.raises(RuntimeError, match="lacks the task's own state"):
+        run_training(_stage2_task(8), cfg, other, progress=False)
 
 
 # --------------------------------------------------------------------------- logs and interrupts

@@ -187,6 +187,7 @@ def test_resume_after_kill_matches_uninterrupted_run(world_copy):
     root = world_copy["root"]
     p = world_copy["params"]
     p["stage2_branches"]["loop"].update(max_steps=24, checkpoint_every=3)
+    p["stage2_branches"]["bank_size"] = 40  # the target bank's state must come back from the checkpoint too
     world_copy["params_path"].write_text(yaml.safe_dump(p))
     ctx = StageContext(load_config(world_copy["params_path"]), models_dir=root / "models", metrics_dir=root / "metrics",
                        prepared_dir=p["prepare"]["out"])
@@ -248,8 +249,12 @@ def test_fashioniq_target_dataset_trains_and_evaluates_per_category(world_copy):
 
 @pytest.mark.slow
 def test_ddp_under_torchrun_two_cpu_processes(world_copy):
-    """DDP (gloo) under torchrun: both ranks train on their shard of each batch, rank 0 writes."""
+    """DDP (gloo) under torchrun: both ranks train on their shard of each batch, rank 0 writes;
+    the target bank gathers both ranks' targets (a collective inside the forward)."""
     root = world_copy["root"]
+    p = world_copy["params"]
+    p["stage2_branches"]["bank_size"] = 24
+    world_copy["params_path"].write_text(yaml.safe_dump(p))
     ctx = StageContext(load_config(world_copy["params_path"]), models_dir=root / "models", metrics_dir=root / "metrics",
                        prepared_dir=world_copy["params"]["prepare"]["out"])
     RUNNERS["stage1_detail"](ctx, progress=False)

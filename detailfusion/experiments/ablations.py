@@ -466,7 +466,7 @@ def markdown_table(summary: dict, failed: dict[str, str] | None = None,
         rows = {k: v[split] for k, v in (diffs or {}).items() if v.get(split)}
         for title, pick in (("Differences of the means over seeds, {} (95 % Welch interval):", lambda c: c),
                             ("Same-seed differences, {} (mean, 95 % t interval):", lambda c: c.get("paired"))):
-            table = {name: {m: pick(c) for m, c in cells.items() if pick(c)} for name, cells in rows.items()}
+            table = {name: {m: v for m, c in cells.items() if (v := pick(c))} for name, cells in rows.items()}
             table = {name: cells for name, cells in table.items() if cells}
             if not table:
                 continue

@@ -114,11 +114,15 @@ class Stage2Config:
     fused_loss_weight: float  # InfoNCE on the 0.5/0.5 fused query (joint training)
     # Variants that skip stage 1 get its steps here, so every variant has the same step budget.
     equalize_budget: bool
+    # Earlier batches' target embeddings kept as extra negatives of every stage-2 loss (0 = off).
+    bank_size: int
     loop: LoopConfig
 
     def validate(self) -> None:
         if not 0 <= self.hard_negatives <= 4:
             raise ValueError(f"hard_negatives: must be in 0..4 (a CIRR set has 4 other members), got {self.hard_negatives}")
+        if self.bank_size < 0:
+            raise ValueError(f"bank_size: must be >= 0 (0 = no target bank), got {self.bank_size}")
         if self.fused_loss_weight < 0:
             raise ValueError(f"fused_loss_weight: must be >= 0, got {self.fused_loss_weight}")
 

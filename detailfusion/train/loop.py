@@ -139,9 +139,13 @@ def group_lrs(optimizer: torch.optim.Optimizer, scheduler) -> dict[str, float]:
 
 
 def save_checkpoint(path: Path, task: nn.Module, optimizer, scheduler, step: int, extra: dict) -> None:
-    """Atomic: written to a temp file and renamed, so a kill never leaves a torn checkpoint."""
+    """Atomic: written to a temp file and renamed, so a kill never leaves a torn checkpoint.
+
+    A task with state of its own that the next steps read (stage 2's target bank) exposes it as
+    ``loop_state()`` / ``load_loop_state(state)``; it is saved as ``task_state``."""
     state = {
         "model": task.model.state_dict(),
+        **({"task_state": task.loop_state()} if hasattr(task, "loop_state") else {}),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "step": step,
@@ -165,6 +169,11 @@ def load_checkpoint(path: Path) -> dict | None:
 def restore_checkpoint(state: dict, task: LoopTask, optimizer, scheduler) -> int:
     """Model, optimiser, schedule and RNG state of a checkpoint; returns its step."""
     task.model.load_state_dict(state["model"])
+    if hasattr(task, "load_loop_state"):
+        if "task_state" not in state:
+            raise RuntimeError(f"{task.name}: the checkpoint lacks the task's own state (written by other code); "
+                               "delete it to restart the stage")
+        task.load_loop_state(state["task_state"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])

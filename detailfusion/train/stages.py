@@ -173,6 +173,7 @@ def run_stage2(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
         hard_negatives=cfg.hard_negatives if cfg.dataset == "cirr" else 0,
         fused_loss_weight=cfg.fused_loss_weight,
         fiq_random_captions=cfg.dataset == "fashioniq",
+        bank_size=cfg.bank_size,
     )
     with timings.phase("train"):
         summary = run_training(task, loop, ckpt_dir, run_config=run_config, on_log=on_log, progress=progress)

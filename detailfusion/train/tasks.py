@@ -55,10 +55,21 @@ class LoopTask(Protocol):
     def named_parameters(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
-def info_nce(query: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, extra: torch.Tensor | None = None):
-    """InfoNCE of normalised queries against in-batch targets (+ per-query extra negatives).
+def info_nce(
+    query: torch.Tensor,
+    target: torch.Tensor,
+    scale: torch.Tensor,
+    extra: torch.Tensor | None = None,
+    bank: torch.Tensor | None = None,
+    bank_mask: torch.Tensor | None = None,
+):
+    """InfoNCE of normalised queries against in-batch targets (+ per-query extra negatives, +
+    negatives shared by every query).
 
     ``extra`` is ``[B, M, D]``; rows with no real negative are all-zero vectors and are masked out.
+    ``bank`` is ``[K, D]`` (stage 2's memory of earlier batches' targets); ``bank_mask`` ``[B, K]``
+    is True where an entry is no negative of that query (its own target or reference, an empty
+    slot) and is left out of its softmax.
     """
     logits = scale * query @ target.t()
     if extra is not None and extra.shape[1]:
@@ -66,8 +77,78 @@ def info_nce(query: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, ext
         valid = extra.abs().sum(-1) > 0
         extra_logits = extra_logits.masked_fill(~valid, float("-inf"))
         logits = torch.cat([logits, extra_logits], dim=1)
+    if bank is not None and bank.shape[0]:
+        bank_logits = scale * query @ bank.to(query.dtype).t()
+        if bank_mask is not None:
+            bank_logits = bank_logits.masked_fill(bank_mask, float("-inf"))
+        logits = torch.cat([logits, bank_logits], dim=1)
     labels = torch.arange(query.shape[0], device=query.device)
     return F.cross_entropy(logits.float(), labels)
+
+
+class TargetBank:
+    """A first-in-first-out memory of the last ``size`` target embeddings of stage 2 (a
+    cross-batch memory, as MoCo's queue and XBM keep one), with the gallery index of each.
+
+    Every query of a step scores its target against the bank as extra negatives, so the softmax
+    sees ``size`` gallery images instead of the batch's 64 at no encoder cost; the entries are
+    detached and up to ``size / batch`` steps old. Entries holding the query's own target or
+    reference image are masked (the same image is no negative; CIRR's ranking drops the
+    reference). Plain tensors, not module buffers: DDP would broadcast rank 0's buffers over the
+    others; under DDP each push gathers every rank's targets, so the ranks hold the same bank.
+    ``state()`` / ``load_state()`` carry it through a checkpoint, so a resumed run is exact.
+    """
+
+    def __init__(self, size: int):
+        if size < 0:
+            raise ValueError(f"bank_size: must be >= 0, got {size}")
+        self.size = size
+        self.emb: torch.Tensor | None = None  # [size, D] float32, allocated by the first push
+        self.index = torch.full((size,), -1, dtype=torch.long)  # -1 = empty slot
+        self.ptr = 0
+
+    def __len__(self) -> int:
+        return int((self.index >= 0).sum())
+
+    def negatives(self, target_index: torch.Tensor, reference_index: torch.Tensor):
+        """(bank ``[K, D]`` or None when empty, mask ``[B, K]``: True = not a negative of that query)."""
+        if self.emb is None:
+            return None, None
+        index = self.index.to(target_index.device)
+        mask = (index < 0).unsqueeze(0) | (index.unsqueeze(0) == target_index.unsqueeze(1))
+        mask |= index.unsqueeze(0) == reference_index.unsqueeze(1)
+        return self.emb, mask
+
+    def push(self, emb: torch.Tensor, index: torch.Tensor) -> None:
+        """Append ``emb`` ``[B, D]`` (their gallery ``index`` ``[B]``), overwriting the oldest."""
+        if not self.size:
+            return
+        emb, index = emb.detach().float(), index.detach().long()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            parts = [torch.empty_like(emb) for _ in range(world)], [torch.empty_like(index) for _ in range(world)]
+            torch.distributed.all_gather(parts[0], emb)
+            torch.distributed.all_gather(parts[1], index)
+            emb, index = torch.cat(parts[0]), torch.cat(parts[1])
+        emb, index = emb[-self.size :], index[-self.size :]
+        if self.emb is None:
+            self.emb = emb.new_zeros(self.size, emb.shape[1])
+        self.index = self.index.to(index.device)
+        slots = (self.ptr + torch.arange(emb.shape[0], device=index.device)) % self.size
+        # out of place: this step's losses hold the old table for their backward pass
+        self.emb = self.emb.index_copy(0, slots, emb)
+        self.index = self.index.index_copy(0, slots, index)
+        self.ptr = (self.ptr + emb.shape[0]) % self.size
+
+    def state(self) -> dict:
+        return {"emb": None if self.emb is None else self.emb.cpu(), "index": self.index.cpu(), "ptr": self.ptr}
+
+    def load_state(self, state: dict, device: torch.device | str = "cpu") -> None:
+        if state["index"].shape[0] != self.size:
+            raise ValueError(f"checkpoint holds a target bank of {state['index'].shape[0]} entries, bank_size is {self.size}")
+        self.emb = None if state["emb"] is None else state["emb"].to(device)
+        self.index = state["index"].to(device)
+        self.ptr = int(state["ptr"])
 
 
 # Learned tokens and embedding tables by name: open_clip's class/positional/token embeddings,
@@ -170,15 +251,26 @@ class DetailPretrainTask(TrainingTask):
 
 class BranchFinetuneTask(TrainingTask):
     """Stage 2: GM and DI on the target data set, each with its own InfoNCE, plus an optional
-    InfoNCE on their 0.5/0.5 fusion; CIRR set members are extra (hard) negatives for DI."""
+    InfoNCE on their 0.5/0.5 fusion; CIRR set members are extra (hard) negatives for DI. With
+    ``bank_size`` > 0 the last ``bank_size`` targets (:class:`TargetBank`) are negatives of all
+    three losses."""
 
     name = "stage2_branches"
 
-    def __init__(self, *args, hard_negatives: int = 2, fused_loss_weight: float = 1.0, fiq_random_captions=False, **kw):
+    def __init__(self, *args, hard_negatives: int = 2, fused_loss_weight: float = 1.0, fiq_random_captions=False,
+                 bank_size: int = 0, **kw):
         super().__init__(*args, **kw)
         self.hard_negatives = hard_negatives
         self.fused_loss_weight = fused_loss_weight
         self.fiq_random_captions = fiq_random_captions
+        self.bank = TargetBank(bank_size)
+
+    def loop_state(self) -> dict:
+        """What the loop checkpoints beside model and optimiser: the target bank."""
+        return {"bank": self.bank.state()}
+
+    def load_loop_state(self, state: dict) -> None:
+        self.bank.load_state(state["bank"], device=self.model.logit_scale_log.device)
 
     def batch(self, step: int, micro: int, n_micro: int, rank: int, world: int) -> dict:
         rows = self.sampler.micro_batch(step, micro, n_micro, rank, world)
@@ -195,6 +287,9 @@ class BranchFinetuneTask(TrainingTask):
             "target": self.images(self.triplets.target[rows]),
             "tokens": tokens,
         }
+        if self.bank.size:
+            out["target_index"] = torch.as_tensor(self.triplets.target[rows], dtype=torch.long)
+            out["reference_index"] = torch.as_tensor(self.triplets.ref[rows], dtype=torch.long)
         if self.hard_negatives and self.model.di is not None:
             negs = self.triplets.negatives[rows]
             pick = np.argsort(rng.random(negs.shape), axis=1)[:, : self.hard_negatives]
@@ -219,16 +314,21 @@ class BranchFinetuneTask(TrainingTask):
                 n = m.encode_target(m.preprocess_uint8(batch["negatives"]))
             n = n.view(t.shape[0], -1, t.shape[1]) * batch["negatives_valid"].unsqueeze(-1).to(n.dtype)
             extra = n
+        bank, bank_mask = None, None
+        if "target_index" in batch:
+            bank, bank_mask = self.bank.negatives(batch["target_index"], batch["reference_index"])
         if b.get("gm") is not None:
-            parts["loss_gm"] = info_nce(b["gm"], t, scale)
+            parts["loss_gm"] = info_nce(b["gm"], t, scale, bank=bank, bank_mask=bank_mask)
             loss = loss + parts["loss_gm"]
         if b.get("di") is not None:
-            parts["loss_di"] = info_nce(b["di"], t, scale, extra)
+            parts["loss_di"] = info_nce(b["di"], t, scale, extra, bank, bank_mask)
             loss = loss + parts["loss_di"]
         if b.get("gm") is not None and b.get("di") is not None and self.fused_loss_weight > 0:
             fused = F.normalize(b["gm"] + b["di"], dim=-1)
-            parts["loss_fused"] = info_nce(fused, t, scale, extra)
+            parts["loss_fused"] = info_nce(fused, t, scale, extra, bank, bank_mask)
             loss = loss + self.fused_loss_weight * parts["loss_fused"]
+        if "target_index" in batch:  # after the losses: this batch's targets are already its negatives
+            self.bank.push(t, batch["target_index"])
         return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 
     def optimizer_groups(self, lr, lr_backbone, weight_decay):
