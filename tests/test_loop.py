@@ -449,11 +449,8 @@ def _stage2_task(bank_size: int, init_seed: int = 0):
     torch.manual_seed(init_seed)
     model = create_model("tiny", variant="full")
     n = 24
-    rng = np.random.default_rng(0)
-    trip = Triplets(query_ids=[str(i) for i in range(n)], ref=np.arange(n), target=(np.arange(n) + 1) % n,
-                    captions=[["make it red"]] * n, texts=[f"make it {i}" for i in range(n)], group=np.full(n, -1),
-                    negatives=np.full((n, 4), -1), dataset="cirr")  # fmt: skip
-    pixels = rng.integers(0, 256, (n, model.image_size, model.image_size, 3), dtype=np.uint8)
+    trip = _tiny_triplets(n)
+    pixels = np.random.default_rng(0).integers(0, 256, (n, model.image_size, model.image_size, 3), dtype=np.uint8)
     return BranchFinetuneTask(model, trip, pixels, StepSampler(trip.group, 4, 0), 0, hard_negatives=0,
                               bank_size=bank_size)
 
