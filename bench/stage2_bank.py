@@ -75,7 +75,7 @@ def run(bank_size: int, steps: int, every: int, params_path: Path) -> list[dict]
     task = BranchFinetuneTask(model, triplets, prepared.pixels, sampler, loop.seed,
                               hard_negatives=cfg.hard_negatives if cfg.dataset == "cirr" else 0,
                               fused_loss_weight=cfg.fused_loss_weight, fiq_random_captions=cfg.dataset == "fashioniq",
-                              bank_size=bank_size)  # fmt: skip  (as train/stages.py run_stage2 builds it)
+                              bank_size=bank_size, exclude_reference=cfg.dataset == "cirr")  # fmt: skip  (as train/stages.py run_stage2 builds it)
     optimizer = build_optimizer(task.optimizer_groups(loop.lr, loop.lr_backbone, loop.weight_decay), loop)
     scheduler = build_scheduler(optimizer, loop)
     probe = task.batch(PROBE_STEP, 0, 1, 0, 1)

@@ -425,6 +425,19 @@ def test_target_bank_is_first_in_first_out_and_masks_the_query_own_images():
     assert off.negatives(torch.tensor([0]), torch.tensor([1])) == (None, None)
 
 
+def test_target_bank_keeps_the_reference_a_negative_when_the_ranking_keeps_it():
+    """FashionIQ's ranking keeps the reference image in the gallery, so the bank must not mask it
+    (only the query's own target); CIRR's drops it, and so does the bank."""
+    emb = torch.eye(3)
+    fiq, cirr = TargetBank(3, mask_reference=False), TargetBank(3)
+    for bank in (fiq, cirr):
+        bank.push(emb, torch.tensor([10, 11, 12]))
+    target, reference = torch.tensor([11]), torch.tensor([12])
+    assert fiq.negatives(target, reference)[1].tolist() == [[False, True, False]]
+    assert cirr.negatives(target, reference)[1].tolist() == [[False, True, True]]
+
+
+
 def _bank_on_rank(rank: int, init_file: str, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:

@@ -174,6 +174,7 @@ def run_stage2(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
         fused_loss_weight=cfg.fused_loss_weight,
         fiq_random_captions=cfg.dataset == "fashioniq",
         bank_size=cfg.bank_size,
+        exclude_reference=cfg.dataset == "cirr",  # the bank keeps FashionIQ's reference a negative
     )
     with timings.phase("train"):
         summary = run_training(task, loop, ckpt_dir, run_config=run_config, on_log=on_log, progress=progress)

@@ -92,17 +92,19 @@ class TargetBank:
 
     Every query of a step scores its target against the bank as extra negatives, so the softmax
     sees ``size`` gallery images instead of the batch's 64 at no encoder cost; the entries are
-    detached and up to ``size / batch`` steps old. Entries holding the query's own target or
-    reference image are masked (the same image is no negative; CIRR's ranking drops the
-    reference). Plain tensors, not module buffers: DDP would broadcast rank 0's buffers over the
+    detached and up to ``size / batch`` steps old. Entries holding the query's own target are
+    masked (the same image is no negative), and so are those holding its reference when
+    ``mask_reference`` (CIRR's ranking drops the reference; FashionIQ's keeps it, so there the
+    reference stays a negative, as it is at retrieval). Plain tensors, not module buffers: DDP would broadcast rank 0's buffers over the
     others; under DDP each push gathers every rank's targets, so the ranks hold the same bank.
     ``state()`` / ``load_state()`` carry it through a checkpoint, so a resumed run is exact.
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, mask_reference: bool = True):
         if size < 0:
             raise ValueError(f"bank_size: must be >= 0, got {size}")
         self.size = size
+        self.mask_reference = mask_reference
         self.emb: torch.Tensor | None = None  # [size, D] float32, allocated by the first push
         self.index = torch.full((size,), -1, dtype=torch.long)  # -1 = empty slot
         self.ptr = 0
@@ -116,7 +118,8 @@ class TargetBank:
             return None, None
         index = self.index.to(target_index.device)
         mask = (index < 0).unsqueeze(0) | (index.unsqueeze(0) == target_index.unsqueeze(1))
-        mask |= index.unsqueeze(0) == reference_index.unsqueeze(1)
+        if self.mask_reference:
+            mask |= index.unsqueeze(0) == reference_index.unsqueeze(1)
         return self.emb, mask
 
     def push(self, emb: torch.Tensor, index: torch.Tensor) -> None:
@@ -253,17 +256,18 @@ class BranchFinetuneTask(TrainingTask):
     """Stage 2: GM and DI on the target data set, each with its own InfoNCE, plus an optional
     InfoNCE on their 0.5/0.5 fusion; CIRR set members are extra (hard) negatives for DI. With
     ``bank_size`` > 0 the last ``bank_size`` targets (:class:`TargetBank`) are negatives of all
-    three losses."""
+    three losses (a query's reference among them only when ``exclude_reference`` is False, as
+    in FashionIQ's ranking)."""
 
     name = "stage2_branches"
 
     def __init__(self, *args, hard_negatives: int = 2, fused_loss_weight: float = 1.0, fiq_random_captions=False,
-                 bank_size: int = 0, **kw):
+                 bank_size: int = 0, exclude_reference: bool = True, **kw):
         super().__init__(*args, **kw)
         self.hard_negatives = hard_negatives
         self.fused_loss_weight = fused_loss_weight
         self.fiq_random_captions = fiq_random_captions
-        self.bank = TargetBank(bank_size)
+        self.bank = TargetBank(bank_size, mask_reference=exclude_reference)
 
     def loop_state(self) -> dict:
         """What the loop checkpoints beside model and optimiser: the target bank."""
