@@ -437,7 +437,6 @@ def test_target_bank_keeps_the_reference_a_negative_when_the_ranking_keeps_it():
     assert cirr.negatives(target, reference)[1].tolist() == [[False, True, True]]
 
 
-
 def _bank_on_rank(rank: int, init_file: str, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:

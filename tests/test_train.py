@@ -130,7 +130,7 @@ def test_stage3_gallery_objective_is_a_full_softmax_over_the_cached_images(tiny_
     assert plain.gallery is None and plain.batch(0, 0, 1, 0, 1)["negatives"].shape == (16, 4, model.embed_dim)
 
 
-def test_stage2_target_bank_follows_the_data_set_ranking_rule(tiny_world, monkeypatch):
+def test_stage2_target_bank_follows_the_data_set_ranking_rule(tiny_world, tmp_path, monkeypatch):
     """run_stage2 builds its target bank so that a query's reference is masked for CIRR (whose
     ranking drops it) and stays a negative for FashionIQ (whose ranking keeps it)."""
     from detailfusion.models import create_model
@@ -148,10 +148,10 @@ def test_stage2_target_bank_follows_the_data_set_ranking_rule(tiny_world, monkey
     p = yaml.safe_load(tiny_world["params_path"].read_text())
     for dataset, mask_reference in (("cirr", True), ("fashioniq", False)):
         p["stage2_branches"].update(dataset=dataset, bank_size=16)
-        path = tiny_world["root"] / f"params-bank-{dataset}.yaml"
+        path = tmp_path / f"params-bank-{dataset}.yaml"
         path.write_text(yaml.safe_dump(p))
-        ctx = StageContext(load_config(path), models_dir=tiny_world["root"] / "unused-models",
-                           metrics_dir=tiny_world["root"] / "unused-metrics", prepared_dir=p["prepare"]["out"])
+        ctx = StageContext(load_config(path), models_dir=tmp_path / "models", metrics_dir=tmp_path / "metrics",
+                           prepared_dir=p["prepare"]["out"])
         with pytest.raises(Built) as built:
             stages.run_stage2(ctx, progress=False)
         assert built.value.args == (16, mask_reference), dataset
