@@ -37,14 +37,14 @@ import torch  # noqa: E402
 from detailfusion.data.prepared import load_prepared  # noqa: E402
 from detailfusion.models.io import load_pretrained  # noqa: E402
 from detailfusion.params import load_config  # noqa: E402
-from detailfusion.train.data import StepSampler, build_triplets  # noqa: E402
+from detailfusion.train.data import build_triplets  # noqa: E402
 from detailfusion.train.loop import build_optimizer, build_scheduler, train_step  # noqa: E402
-from detailfusion.train.tasks import BranchFinetuneTask  # noqa: E402
+from detailfusion.train.stages import stage2_task  # noqa: E402
 
 PROBE_STEP = 10_000  # the fixed measurement batch: a sampler step far beyond the runs' steps
 
 
-def measure(model, task: BranchFinetuneTask, probe: dict, pixels) -> dict:
+def measure(model, task, probe: dict, pixels) -> dict:
     with torch.no_grad():
         t = model.encode_target(model.preprocess_uint8(probe["target"]))
         q = model.branch_outputs(model.preprocess_uint8(probe["ref"]), probe["tokens"])["gm"]
@@ -71,11 +71,7 @@ def run(bank_size: int, steps: int, every: int, params_path: Path) -> list[dict]
     model = load_pretrained(REPO / "models" / "stage1" / "model")
     prepared = load_prepared(REPO / params.prepare.out, cfg.dataset)
     triplets = build_triplets(prepared, cfg.split)
-    sampler = StepSampler(triplets.group, loop.batch_size, loop.seed, grouped=False)
-    task = BranchFinetuneTask(model, triplets, prepared.pixels, sampler, loop.seed,
-                              hard_negatives=cfg.hard_negatives if cfg.dataset == "cirr" else 0,
-                              fused_loss_weight=cfg.fused_loss_weight, fiq_random_captions=cfg.dataset == "fashioniq",
-                              bank_size=bank_size, exclude_reference=cfg.dataset == "cirr")  # fmt: skip  (as train/stages.py run_stage2 builds it)
+    task = stage2_task(model, prepared, triplets, cfg, loop, bank_size=bank_size)  # as run_stage2 builds it
     optimizer = build_optimizer(task.optimizer_groups(loop.lr, loop.lr_backbone, loop.weight_decay), loop)
     scheduler = build_scheduler(optimizer, loop)
     probe = task.batch(PROBE_STEP, 0, 1, 0, 1)

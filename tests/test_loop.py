@@ -157,6 +157,29 @@ def test_freeze_untrained_is_explicit_and_build_optimizer_keeps_groups():
         build_optimizer([{"params": [w], "name": "a"}, {"params": [b], "name": "a"}], cfg)
 
 
+def test_a_module_at_learning_rate_zero_is_frozen_and_stays_out_of_the_clipping(tmp_path):
+    """lr_backbone 0 (stage 1's frozen backbone) must train the head exactly as a task that left
+    the body out by hand: the body gets no group, no gradient and no share of the clipping norm
+    (a group at lr 0 kept its weights bitwise but its gradients shrank the head's clipped step)."""
+
+    class HeadOnly(RegressionTask):
+        def optimizer_groups(self, lr, lr_backbone, weight_decay):
+            return param_groups({"head": (list(self.model[2].named_parameters(prefix="model.2")), lr)}, weight_decay)
+
+    cfg = _cfg(lr_backbone=0.0, grad_clip=0.05, max_steps=6)
+    task, by_hand = RegressionTask(), HeadOnly()
+    body_before = {k: v for k, v in _params(task).items() if k.startswith("0.")}
+    assert [g["name"] for g in task.optimizer_groups(cfg.lr, cfg.lr_backbone, cfg.weight_decay)] == [
+        "head", "head.no_decay"]
+    run_training(task, cfg, tmp_path / "zero")
+    run_training(by_hand, cfg, tmp_path / "by_hand")
+    after, want = _params(task), _params(by_hand)
+    assert all(torch.equal(after[k], v) for k, v in body_before.items())  # the body did not move
+    assert all(p.grad is None and not p.requires_grad for p in task.model[0].parameters())
+    assert all(torch.equal(after[k], want[k]) for k in after)  # the head trained as with the body left out
+    assert not torch.equal(after["2.weight"], _params(RegressionTask())["2.weight"])  # it trained
+
+
 def test_multi_tensor_adamw_matches_the_per_parameter_loop():
     """build_optimizer uses the foreach update on the CPU too; it must give bitwise the loop's
     parameters (decay and no-decay groups, two learning rates, warm-up/cosine schedule, clipping),

@@ -89,6 +89,12 @@ DATASETS = ("cirr", "fashioniq", "ipr2pr")
 FIQ_CATEGORIES = ("dress", "shirt", "toptee")
 
 
+def ranking_drops_reference(dataset: str) -> bool:
+    """Whether the data set's ranking removes each query's reference image (CIRR's does, so the
+    reference is never a negative there); FashionIQ's keeps it among the candidates."""
+    return dataset == "cirr"
+
+
 def make_queries(rows: list[dict]) -> pd.DataFrame:
     """Build a ``queries`` frame with the canonical columns, order and dtypes."""
     return _frame(rows, QUERY_COLUMNS)

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from detailfusion.config import repo_default
+from detailfusion.data.manifest import ranking_drops_reference
 from detailfusion.errors import DetailFusionError
 from detailfusion.retrieval.embed import autocast_dtype, encode_queries, pixels_from_bytes
 from detailfusion.retrieval.storage import check_reachable, is_remote, join, local_path, read_bytes
@@ -156,7 +157,7 @@ def run_retrieval(cfg: RetrieveConfig, *, tracking=None, registry=None, params: 
         row = q_err.iloc[0]
         raise DetailFusionError(f"query {row['item_id']}: {row['error']} (--on-error fail)")
 
-    exclude_ref = cfg.exclude_reference == "yes" or (cfg.exclude_reference == "auto" and queries.protocol == "cirr")
+    exclude_ref = cfg.exclude_reference == "yes" or (cfg.exclude_reference == "auto" and ranking_drops_reference(queries.protocol))
     row_of = {int(p): i for i, p in enumerate(emb.positions)}
     frame = queries.frame.iloc[q_ok].reset_index(drop=True)
     exclude = np.asarray([row_of.get(gallery.position(r), -1) for r in frame["reference"]], dtype=np.int64)

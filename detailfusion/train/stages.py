@@ -167,21 +167,31 @@ def run_stage2(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
     with timings.phase("load_data"):
         prepared = load_prepared(ctx.prepared_dir, cfg.dataset)
         triplets = build_triplets(prepared, cfg.split)
-    sampler = StepSampler(triplets.group, loop.batch_size, loop.seed, grouped=False)
-    task = BranchFinetuneTask(
-        model, triplets, prepared.pixels, sampler, loop.seed,
-        hard_negatives=cfg.hard_negatives if cfg.dataset == "cirr" else 0,
-        fused_loss_weight=cfg.fused_loss_weight,
-        fiq_random_captions=cfg.dataset == "fashioniq",
-        bank_size=cfg.bank_size,
-        exclude_reference=cfg.dataset == "cirr",  # the bank keeps FashionIQ's reference a negative
-    )
+    task = stage2_task(model, prepared, triplets, cfg, loop)
     with timings.phase("train"):
         summary = run_training(task, loop, ckpt_dir, run_config=run_config, on_log=on_log, progress=progress)
     summary.update({"train_queries": len(triplets), "dropped_queries": triplets.dropped,
                     "equalized_budget": loop.max_steps != cfg.loop.max_steps})
     val = _validate(model, prepared, progress)
     return _finish(ctx, "stage2_branches", model, summary, {"val": val}, ckpt_dir)
+
+
+def stage2_task(model, prepared, triplets, cfg, loop: LoopConfig, bank_size: int | None = None) -> BranchFinetuneTask:
+    """Stage 2's task on ``prepared`` (a ``Stage2Config`` ``cfg``, its effective ``loop``): set
+    members as extra negatives where the data set has sets (CIRR), a random one of FashionIQ's
+    two captions per step, and a target bank (``bank_size``, default ``cfg.bank_size``) that
+    leaves a query's reference out only where the ranking drops it."""
+    from detailfusion.data.manifest import ranking_drops_reference
+
+    sampler = StepSampler(triplets.group, loop.batch_size, loop.seed, grouped=False)
+    return BranchFinetuneTask(
+        model, triplets, prepared.pixels, sampler, loop.seed,
+        hard_negatives=cfg.hard_negatives if cfg.dataset == "cirr" else 0,
+        fused_loss_weight=cfg.fused_loss_weight,
+        fiq_random_captions=cfg.dataset == "fashioniq",
+        bank_size=cfg.bank_size if bank_size is None else bank_size,
+        exclude_reference=ranking_drops_reference(cfg.dataset),
+    )
 
 
 def cache_branch_outputs(model, triplets, pixels, batch_size: int = 256, progress: bool = True,
@@ -232,6 +242,7 @@ def cache_branch_outputs(model, triplets, pixels, batch_size: int = 256, progres
 
 
 def run_stage3(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
+    from detailfusion.data.manifest import ranking_drops_reference
     from detailfusion.data.prepared import load_prepared
     from detailfusion.models.io import load_pretrained
 
@@ -262,7 +273,7 @@ def run_stage3(ctx: StageContext, progress: bool = True, on_log=None) -> dict:
     sampler = StepSampler(np.full(len(triplets), -1), cfg.loop.batch_size, cfg.loop.seed)
     # CIRR's ranking leaves the reference out; FashionIQ's keeps it, so there it is a negative
     task = FusionTask(model, cache, sampler, cfg.loop.seed, hard_negatives=cfg.hard_negatives,
-                      exclude_reference=s2.dataset == "cirr")
+                      exclude_reference=ranking_drops_reference(s2.dataset))
     with timings.phase("train"):
         summary = run_training(task, cfg.loop, ckpt_dir, run_config=run_config, on_log=on_log,
                                progress=progress)

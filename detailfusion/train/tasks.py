@@ -95,8 +95,8 @@ class TargetBank:
     detached and up to ``size / batch`` steps old. Entries holding the query's own target are
     masked (the same image is no negative), and so are those holding its reference when
     ``mask_reference`` (CIRR's ranking drops the reference; FashionIQ's keeps it, so there the
-    reference stays a negative, as it is at retrieval). Plain tensors, not module buffers: DDP would broadcast rank 0's buffers over the
-    others; under DDP each push gathers every rank's targets, so the ranks hold the same bank.
+    reference stays a negative, as it is at retrieval). Plain tensors, not module buffers: DDP
+    would broadcast rank 0's buffers over the others; under DDP each push gathers every rank's targets, so the ranks hold the same bank.
     ``state()`` / ``load_state()`` carry it through a checkpoint, so a resumed run is exact.
     """
 
@@ -169,10 +169,14 @@ def param_groups(modules: dict[str, tuple[list[tuple[str, nn.Parameter]], float]
     """AdamW groups: per-module learning rates; no decay on norms, biases, embeddings, tokens.
 
     ``modules`` maps a group name to (named parameters, lr); each group records its parameters'
-    names under ``param_names`` so the rules can be checked and logged by name.
+    names under ``param_names`` so the rules can be checked and logged by name. A module at
+    learning rate 0 gets no group, so the loop freezes it: no backward through it, and its
+    gradients stay out of the clipping norm (a group at lr 0 kept the weights but not those).
     """
     groups = []
     for group, (named, lr) in modules.items():
+        if lr == 0:
+            continue
         named = [(n, p) for n, p in named if p.requires_grad]
         for suffix, members, wd in (
             ("", [(n, p) for n, p in named if not no_weight_decay(n, p)], weight_decay),
