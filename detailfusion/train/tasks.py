@@ -96,7 +96,8 @@ class TargetBank:
     masked (the same image is no negative), and so are those holding its reference when
     ``mask_reference`` (CIRR's ranking drops the reference; FashionIQ's keeps it, so there the
     reference stays a negative, as it is at retrieval). Plain tensors, not module buffers: DDP
-    would broadcast rank 0's buffers over the others; under DDP each push gathers every rank's targets, so the ranks hold the same bank.
+    would broadcast rank 0's buffers over the others; under DDP each push gathers every rank's
+    targets, so the ranks hold the same bank.
     ``state()`` / ``load_state()`` carry it through a checkpoint, so a resumed run is exact.
     """
 
