@@ -210,8 +210,62 @@ def test_backbone_matches_open_clip_forward(pixels):
         assert torch.allclose(pooled, clip.visual(ref)[0], atol=1e-5)
         assert torch.allclose(text_pooled, clip.encode_text(tokens), atol=1e-5)
     assert patches.shape == (BATCH, model.num_patches, model.backbone.vision_width)
-    assert text_feats.shape == (BATCH, 32, model.backbone.text_width)
-    assert torch.equal(text_mask, tokens != 0)
+    longest = int((tokens != 0).sum(dim=1).max())  # the batch's longest caption, end-of-text included
+    assert longest < 32 and text_feats.shape == (BATCH, longest, model.backbone.text_width)
+    assert torch.equal(text_mask, (tokens != 0)[:, :longest])
+
+
+def test_text_padding_trim_changes_nothing_but_the_length(pixels):
+    """A causal text tower pooled at end-of-text runs on the batch's longest caption only; its
+    pooled vectors, real-token features and every branch's query equal the padded batch's."""
+    model = build().eval()
+    ref, tokens, _ = inputs(model, pixels)
+    assert model.backbone.trims_padding
+    with torch.no_grad():
+        trimmed = model.backbone.encode_text(tokens)
+        query = model.encode_query(ref, tokens)
+        model.backbone.trims_padding = False
+        try:
+            padded = model.backbone.encode_text(tokens)
+            padded_query = model.encode_query(ref, tokens)
+        finally:
+            model.backbone.trims_padding = True
+    length = trimmed[1].shape[1]
+    assert padded[1].shape[1] == 32 and length < 32
+    assert torch.allclose(trimmed[0], padded[0], atol=1e-5)
+    assert torch.allclose(trimmed[1], padded[1][:, :length], atol=1e-5)
+    assert torch.equal(trimmed[2], padded[2][:, :length]) and not padded[2][:, length:].any()
+    for key in ("gm", "di", "query"):
+        assert torch.allclose(query[key], padded_query[key], atol=1e-5), key
+
+
+def test_towers_that_see_padding_are_not_trimmed():
+    """Without a causal mask (or pooled at the last position) real tokens attend to padding, so
+    the text runs at full length."""
+    for extra in ({"no_causal_mask": True}, {"pool_type": "last"}):
+        config = get_model_config("tiny")
+        clip_config = json.loads(json.dumps(config.backbone.clip_config))
+        clip_config["text_cfg"].update(extra)
+        config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, clip_config=clip_config))
+        model = build(config, variant="gm_only").eval()
+        assert not model.backbone.trims_padding, extra
+        with torch.no_grad():
+            _, feats, _ = model.backbone.encode_text(model.tokenize(CAPTIONS))
+        assert feats.shape[1] == 32, extra
+
+
+def test_real_token_mask_keeps_token_zero_inside_a_caption():
+    from detailfusion.models.backbone import real_token_mask
+
+    model = build(variant="gm_only")
+    tokens = model.tokenize(["wow!; a red cube", "x"])
+    assert int((tokens[0] == 0).sum()) > 22, "padding"
+    inside = int((tokens[0, : int(tokens[0].argmax())] == 0).sum())
+    assert inside == 1, "the BPE spells the ! of !; with id 0, the padding id"
+    mask = real_token_mask(tokens)
+    end = tokens.argmax(dim=1)  # end-of-text, the highest id
+    for row in range(2):
+        assert mask[row, : end[row] + 1].all() and not mask[row, end[row] + 1 :].any()
 
 
 def test_patch_mask_drops_patches(pixels):

@@ -57,6 +57,31 @@ def _build_clip(cfg: BackboneConfig, load_weights: bool) -> nn.Module:
     return model
 
 
+def real_token_mask(tokens: torch.Tensor, pad_token_id: int = PAD_TOKEN_ID) -> torch.Tensor:
+    """True up to and including each row's last non-padding token (its end-of-text), False after.
+
+    Going by position, not by token id alone: the CLIP BPE's id 0 is the padding id and also a
+    real token ("!" inside a word, as in "!!"), which must not be masked where it occurs."""
+    real = tokens != pad_token_id
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    last = torch.where(real, positions, torch.full_like(positions, -1)).max(dim=1).values
+    return positions.unsqueeze(0) <= last.unsqueeze(1)
+
+
+def _padding_is_inert(text: nn.Module | None, clip: nn.Module) -> bool:
+    """Whether the outputs at real tokens (and the pooled vector) are independent of trailing
+    padding: a causal attention mask, and pooling at end-of-text or at the first token (not at
+    the last position, nor CoCa's appended class token, which attend to the padding)."""
+    if text is not None:
+        return (getattr(text, "attn_mask", None) is not None and getattr(text, "cls_emb", None) is None
+                and getattr(text, "pool_type", "argmax") in _POOLS_BEFORE_PADDING)
+    return (getattr(clip, "attn_mask", None) is not None
+            and getattr(clip, "text_pool_type", "argmax") in _POOLS_BEFORE_PADDING)
+
+
+_POOLS_BEFORE_PADDING = ("argmax", "eos", "first")
+
+
 class ClipBackbone(nn.Module):
     """Image and text encoders of an open_clip model, exposing pooled and token features.
 
@@ -102,6 +127,7 @@ class ClipBackbone(nn.Module):
                 f"{where}: text vocab_size {vocab_size} < {tokenizer_vocab} of the CLIP BPE tokenizer"
             )
         self.pad_token_id: int = getattr(text_module, "pad_id", PAD_TOKEN_ID)
+        self.trims_padding: bool = _padding_is_inert(text, self.clip)
 
         self.mean: tuple[float, ...] = tuple(
             cfg.mean or getattr(visual, "image_mean", None) or OPENAI_DATASET_MEAN
@@ -190,9 +216,19 @@ class ClipBackbone(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token ids ``[B, L]`` -> (pooled ``[B, D]``, token features ``[B, L, W_text]``, mask ``[B, L]``).
 
-        The mask is True on real tokens (start, words, end-of-text) and False on padding.
+        The mask is True on real tokens (start, words, end-of-text) and False on the padding after
+        them. When the text tower's outputs on real tokens cannot depend on padding
+        (``trims_padding``: a causal tower pooled at end-of-text or the first token), the columns
+        that are padding in every row are cut off first, so ``L`` is the batch's longest sequence
+        and the tower does not spend its compute on padding (synthetic captions fill about 12
+        of CLIP's 77 or our 32 positions); the outputs are those of the padded batch up to float
+        rounding.
         """
-        attention_mask = tokens != self.pad_token_id
+        attention_mask = real_token_mask(tokens, self.pad_token_id)
+        if self.trims_padding:
+            columns = attention_mask.any(dim=0).nonzero()
+            length = int(columns.max()) + 1 if len(columns) else 1
+            tokens, attention_mask = tokens[:, :length], attention_mask[:, :length]
         text = getattr(self.clip, "text", None)
         if text is not None:
             pooled, feats = text(tokens)
