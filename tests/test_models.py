@@ -210,27 +210,29 @@ def test_backbone_matches_open_clip_forward(pixels):
         assert torch.allclose(pooled, clip.visual(ref)[0], atol=1e-5)
         assert torch.allclose(text_pooled, clip.encode_text(tokens), atol=1e-5)
     assert patches.shape == (BATCH, model.num_patches, model.backbone.vision_width)
-    longest = int((tokens != 0).sum(dim=1).max())  # the batch's longest caption, end-of-text included
-    assert longest < 32 and text_feats.shape == (BATCH, longest, model.backbone.text_width)
-    assert torch.equal(text_mask, (tokens != 0)[:, :longest])
+    assert text_feats.shape == (BATCH, 32, model.backbone.text_width)  # eval mode: the full context
+    assert torch.equal(text_mask, tokens != 0)
 
 
 def test_text_padding_trim_changes_nothing_but_the_length(pixels):
-    """A causal text tower pooled at end-of-text runs on the batch's longest caption only; its
-    pooled vectors, real-token features and every branch's query equal the padded batch's."""
+    """In training mode a causal text tower pooled at end-of-text runs on the batch's longest
+    caption only; its pooled vectors, real-token features and every branch's query equal the
+    padded batch's. In eval mode it runs at the full context, whatever the batch."""
     model = build().eval()
     ref, tokens, _ = inputs(model, pixels)
     assert model.backbone.trims_padding
+    longest = int((tokens != 0).sum(dim=1).max())  # the batch's longest caption, end-of-text included
     with torch.no_grad():
-        trimmed = model.backbone.encode_text(tokens)
-        query = model.encode_query(ref, tokens)
-        model.backbone.trims_padding = False
+        padded = model.backbone.encode_text(tokens)
+        padded_query = model.encode_query(ref, tokens)
+        model.backbone.train()  # the open_clip towers have no dropout: train mode is deterministic
         try:
-            padded = model.backbone.encode_text(tokens)
-            padded_query = model.encode_query(ref, tokens)
+            trimmed = model.backbone.encode_text(tokens)
+            query = model.encode_query(ref, tokens)
         finally:
-            model.backbone.trims_padding = True
+            model.backbone.eval()
     length = trimmed[1].shape[1]
+    assert length == longest
     assert padded[1].shape[1] == 32 and length < 32
     assert torch.allclose(trimmed[0], padded[0], atol=1e-5)
     assert torch.allclose(trimmed[1], padded[1][:, :length], atol=1e-5)
@@ -247,7 +249,7 @@ def test_towers_that_see_padding_are_not_trimmed():
         clip_config = json.loads(json.dumps(config.backbone.clip_config))
         clip_config["text_cfg"].update(extra)
         config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, clip_config=clip_config))
-        model = build(config, variant="gm_only").eval()
+        model = build(config, variant="gm_only").train()
         assert not model.backbone.trims_padding, extra
         with torch.no_grad():
             _, feats, _ = model.backbone.encode_text(model.tokenize(CAPTIONS))

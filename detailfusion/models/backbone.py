@@ -217,15 +217,17 @@ class ClipBackbone(nn.Module):
         """Token ids ``[B, L]`` -> (pooled ``[B, D]``, token features ``[B, L, W_text]``, mask ``[B, L]``).
 
         The mask is True on real tokens (start, words, end-of-text) and False on the padding after
-        them. When the text tower's outputs on real tokens cannot depend on padding
-        (``trims_padding``: a causal tower pooled at end-of-text or the first token), the columns
-        that are padding in every row are cut off first, so ``L`` is the batch's longest sequence
-        and the tower does not spend its compute on padding (synthetic captions fill about 12
-        of CLIP's 77 or our 32 positions); the outputs are those of the padded batch up to float
-        rounding.
+        them. In training mode, when the text tower's outputs on real tokens cannot depend on
+        padding (``trims_padding``: a causal tower pooled at end-of-text or the first token), the
+        columns that are padding in every row are cut off first, so ``L`` is the batch's longest
+        sequence and the tower does not spend its compute on padding (synthetic captions fill
+        about 11 of our 32 positions); the outputs are those of the padded batch up to float
+        rounding. In eval mode every caption runs at the full context, so an embedding does not
+        depend, even in its last bit, on which captions share its batch (the evaluate stage,
+        batch retrieval and stage 3's cache embed in different batches and must agree).
         """
         attention_mask = real_token_mask(tokens, self.pad_token_id)
-        if self.trims_padding:
+        if self.trims_padding and self.training:
             columns = attention_mask.any(dim=0).nonzero()
             length = int(columns.max()) + 1 if len(columns) else 1
             tokens, attention_mask = tokens[:, :length], attention_mask[:, :length]
