@@ -57,11 +57,14 @@ def _build_clip(cfg: BackboneConfig, load_weights: bool) -> nn.Module:
     return model
 
 
+_POOLS_BEFORE_PADDING = ("argmax", "eos", "first")
+
+
 def real_token_mask(tokens: torch.Tensor, pad_token_id: int = PAD_TOKEN_ID) -> torch.Tensor:
     """True up to and including each row's last non-padding token (its end-of-text), False after.
 
     Going by position, not by token id alone: the CLIP BPE's id 0 is the padding id and also a
-    real token ("!" inside a word, as in "!!"), which must not be masked where it occurs."""
+    real token (the "!" of "!;", for one), which must not be masked where it occurs."""
     real = tokens != pad_token_id
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     last = torch.where(real, positions, torch.full_like(positions, -1)).max(dim=1).values
@@ -77,9 +80,6 @@ def _padding_is_inert(text: nn.Module | None, clip: nn.Module) -> bool:
                 and getattr(text, "pool_type", "argmax") in _POOLS_BEFORE_PADDING)
     return (getattr(clip, "attn_mask", None) is not None
             and getattr(clip, "text_pool_type", "argmax") in _POOLS_BEFORE_PADDING)
-
-
-_POOLS_BEFORE_PADDING = ("argmax", "eos", "first")
 
 
 class ClipBackbone(nn.Module):
@@ -228,8 +228,7 @@ class ClipBackbone(nn.Module):
         """
         attention_mask = real_token_mask(tokens, self.pad_token_id)
         if self.trims_padding and self.training:
-            columns = attention_mask.any(dim=0).nonzero()
-            length = int(columns.max()) + 1 if len(columns) else 1
+            length = max(1, int(attention_mask.sum(dim=1).max()))  # each row's mask is a prefix
             tokens, attention_mask = tokens[:, :length], attention_mask[:, :length]
         text = getattr(self.clip, "text", None)
         if text is not None:
