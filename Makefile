@@ -20,15 +20,23 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 # Installs come from the lock files (exact versions, no resolver backtracking, the same set on
 # every machine); `make lock` re-resolves them from pyproject.toml after a dependency change.
+# The locks are complete, so pip installs them as they are (--no-deps: no resolver at all) and
+# `pip check` then fails the install if a requirement is missing or broken; --no-compile skips
+# byte-compiling all 6.8 GB up front (Python compiles what is imported, once). Together about
+# 70 s less on a fresh venv (README "Where the time goes").
+PIP_LOCKED := $(BIN)/python -m pip install -q --no-deps --no-compile
+
 $(VENV)/.stamp-base: pyproject.toml requirements/run.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
-	$(BIN)/python -m pip install -q -r requirements/run.lock
-	$(BIN)/python -m pip install -q --no-deps -e .
+	$(PIP_LOCKED) -r requirements/run.lock
+	$(PIP_LOCKED) -e .
+	$(BIN)/python -m pip check
 	touch $@
 
 $(VENV)/.stamp-test: $(VENV)/.stamp-base requirements/test.lock
-	$(BIN)/python -m pip install -q -r requirements/test.lock
+	$(PIP_LOCKED) -r requirements/test.lock
+	$(BIN)/python -m pip check
 	touch $@
 
 install: $(VENV)/.stamp-base
