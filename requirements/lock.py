@@ -28,14 +28,13 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def pins(report: Path) -> dict[str, str]:
-    doc = json.loads(report.read_text(encoding="utf-8"))
-    out = {}
-    for item in doc.get("install", []):
-        meta = item["metadata"]
-        if canonical(meta["name"]) != PROJECT:
-            out[canonical(meta["name"])] = meta["version"]
-    return out
+def installs(report: Path) -> list[dict]:
+    """The resolved distributions' metadata in a ``pip --report`` JSON."""
+    return [item["metadata"] for item in json.loads(report.read_text(encoding="utf-8")).get("install", [])]
+
+
+def pins(resolved: list[dict]) -> dict[str, str]:
+    return {canonical(meta["name"]): meta["version"] for meta in resolved if canonical(meta["name"]) != PROJECT}
 
 
 def requires_python() -> str:
@@ -59,19 +58,13 @@ def python_conditional_gaps(requires: dict[str, list[str]], pinned: set[str], py
     for dist, lines in sorted(requires.items()):
         for line in lines:
             req = Requirement(line)
-            if canonical(req.name) in pinned or req.marker is None or "python" not in str(req.marker):
+            if canonical(req.name) in pinned or req.marker is None:
                 continue
             envs = ({"python_full_version": v, "python_version": v.rsplit(".", 1)[0], "extra": ""}
                     for v in versions)
             if any(req.marker.evaluate(env) for env in envs):
                 gaps.append(f"{dist}: {line}")
     return gaps
-
-
-def report_requires(report: Path) -> dict[str, list[str]]:
-    doc = json.loads(report.read_text(encoding="utf-8"))
-    return {canonical(item["metadata"]["name"]): item["metadata"].get("requires_dist", [])
-            for item in doc.get("install", [])}
 
 
 def read_lock(path: Path) -> dict[str, str]:
@@ -89,13 +82,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("report", type=Path)
     ap.add_argument("--minus", type=Path)
     args = ap.parse_args(argv)
-    resolved = pins(args.report)
+    metadata = installs(args.report)
+    resolved = pins(metadata)
     base = read_lock(args.minus) if args.minus else {}
     clash = {n: (base[n], v) for n, v in resolved.items() if n in base and base[n] != v}
     if clash:
         print(f"error: {args.report} resolves other versions than {args.minus}: {clash}", file=sys.stderr)
         return 1
-    gaps = python_conditional_gaps(report_requires(args.report), set(resolved) | set(base), requires_python())
+    requires = {canonical(meta["name"]): meta.get("requires_dist", []) for meta in metadata}
+    gaps = python_conditional_gaps(requires, set(resolved) | set(base), requires_python())
     if gaps:
         print(f"error: {args.report}: needed on other Pythons of requires-python, not resolved on this one "
               f"(declare them in pyproject.toml): {'; '.join(gaps)}", file=sys.stderr)
