@@ -149,11 +149,24 @@ def run_stage(config: str, stage: str, batch: int, steps: int, warmup: int, devi
     return out
 
 
+def is_tiny(config: str) -> bool:
+    """A ``tiny*`` config, by name or as a path to its JSON file (``tiny``, ``tiny-p16``,
+    ``bench/configs/tiny-p16.json``): small enough to time at full length on the CPU."""
+    return Path(config).name.removesuffix(".json").startswith("tiny")
+
+
+def run_size(config: str, device: str, batch: int, steps: int) -> tuple[int, int]:
+    """(batch, timed steps) for one config: ``batch`` 0 means 64, or 8 for a large model on the
+    CPU, which also times a third of ``steps`` (at least 2), since it is about 100x slower there."""
+    small = is_tiny(config) or device != "cpu"
+    return batch or (64 if small else 8), steps if small else max(2, steps // 3)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="tiny,vit-b-32")
     ap.add_argument("--stages", default=",".join(METHOD_STAGES))
-    ap.add_argument("--batch", type=int, default=0, help="0 = 64 for tiny, 8 for vit-b-32 on CPU")
+    ap.add_argument("--batch", type=int, default=0, help="0 = 64 for tiny* configs, 8 for larger ones on the CPU")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -172,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for config in args.configs.split(","):
-        batch = args.batch or (64 if config == "tiny" or args.device != "cpu" else 8)
-        steps = args.steps if config == "tiny" or args.device != "cpu" else max(2, args.steps // 3)
+        batch, steps = run_size(config, args.device, args.batch, args.steps)
+        if steps != args.steps:
+            print(f"{config} on {args.device}: {steps} timed steps instead of {args.steps} (a large model on the CPU)",
+                  file=sys.stderr)
         for stage in args.stages.split(","):
             cmd = [sys.executable, __file__, "--one", f"{config}:{stage}", "--batch", str(batch), "--steps",
                    str(steps), "--warmup", str(args.warmup), "--device", args.device, "--amp", args.amp,
