@@ -12,8 +12,9 @@ versions are the lock's either way.
 uv does not read pip's configuration, and a machine's package sources live there (this project's
 machines take torch from a local wheel folder and extra file indexes). So the index settings of
 ``pip config list`` (pip.conf files and ``PIP_*`` variables: ``index-url``, ``extra-index-url``,
-``find-links``, ``no-index``, ``constraint``) are passed to uv as the same options, and uv picks
-among all indexes as pip does (``--index-strategy unsafe-best-match``). If uv cannot be installed
+``find-links``, ``no-index``, ``constraint``) are passed to uv as the same options, pip's ``cert``
+(a CA bundle, e.g. for a TLS-inspecting proxy) as ``SSL_CERT_FILE``, and uv picks among all
+indexes as pip does (``--index-strategy unsafe-best-match``). If uv cannot be installed
 or fails, the install falls back to pip with a one-line warning, so no machine is worse off than
 with pip alone.
 """
@@ -21,6 +22,7 @@ with pip alone.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -50,7 +52,7 @@ def pip_config(text: str) -> dict[str, list[str]]:
         if not sep or "." not in key:
             continue
         section, option = key.rsplit(".", 1)
-        if option not in _OPTIONS and option != "no-index":
+        if option not in _OPTIONS and option not in ("no-index", "cert"):
             continue
         rank = _SECTION_RANK.get(section, 0)
         if option not in found or rank >= found[option][0]:
@@ -69,8 +71,16 @@ def uv_source_args(config: dict[str, list[str]]) -> list[str]:
     return args + ["--index-strategy", "unsafe-best-match"]
 
 
-def _run(cmd: Sequence[str]) -> bool:
-    return subprocess.run(list(cmd)).returncode == 0
+def uv_env(config: dict[str, list[str]], environ: dict[str, str]) -> dict[str, str]:
+    """The environment for uv: pip's CA bundle (``cert``) as ``SSL_CERT_FILE``, which uv reads."""
+    env = dict(environ)
+    if config.get("cert"):
+        env["SSL_CERT_FILE"] = config["cert"][0]
+    return env
+
+
+def _run(cmd: Sequence[str], env: dict[str, str] | None = None) -> bool:
+    return subprocess.run(list(cmd), env=env).returncode == 0
 
 
 def install_with_uv(python: str, locks: Sequence[str], editable: str | None) -> bool:
@@ -80,20 +90,13 @@ def install_with_uv(python: str, locks: Sequence[str], editable: str | None) -> 
         print(f"warning: could not install {UV}; installing with pip instead", file=sys.stderr)
         return False
     uv = str(Path(python).parent / "uv")
-    config = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
-    base = [
-        uv,
-        "pip",
-        "install",
-        "--quiet",
-        "--python",
-        python,
-        "--no-deps",
-        *uv_source_args(pip_config(config)),
-    ]
+    listed = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    config = pip_config(listed)
+    env = uv_env(config, dict(os.environ))
+    base = [uv, "pip", "install", "--quiet", "--python", python, "--no-deps", *uv_source_args(config)]
     steps = [[*base, "-r", lock] for lock in locks] + ([[*base, "-e", editable]] if editable else [])
     for cmd in steps:
-        if not _run(cmd):
+        if not _run(cmd, env):
             print(
                 f"warning: `{shlex.join(cmd[:3] + cmd[-2:])}` failed; installing with pip instead",
                 file=sys.stderr,
