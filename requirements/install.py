@@ -5,12 +5,12 @@ Usage: python requirements/install.py LOCK [LOCK ...] [--editable DIR]
 Every lock is installed with ``--no-deps``: it is complete (``make lock``), so there is nothing to
 resolve, and ``pip check`` afterwards (Makefile) fails the install on a missing or broken
 requirement. The installer is uv (pinned below, bootstrapped with this venv's pip): it downloads
-and unpacks the wheels in parallel, so a fresh venv of the run lock (6.3 GB, most of it torch and
-the CUDA libraries) takes about 16 s instead of pip's 80-odd (README "Where the time goes"). The
-versions are the lock's either way.
+and unpacks the wheels in parallel, so a fresh venv with the run lock and the project (6.3 GB,
+most of it torch and the CUDA libraries) takes about 18 s instead of about 95 s with pip (README
+"Where the time goes"). The versions are the lock's either way.
 
 uv does not read pip's configuration, and a machine's package sources live there (this project's
-machines take torch from a local wheel folder and extra file indexes). So the index settings of
+machines add a local wheel folder, file indexes and a constraints file). So the settings of
 ``pip config list`` (pip.conf files and ``PIP_*`` variables: ``index-url``, ``extra-index-url``,
 ``find-links``, ``no-index``, ``constraint``) are passed to uv as the same options, pip's ``cert``
 (a CA bundle, e.g. for a TLS-inspecting proxy) as ``SSL_CERT_FILE``, and uv picks among all
