@@ -69,6 +69,8 @@ def run_stage(config: str, stage: str, batch: int, steps: int, warmup: int, devi
         build_optimizer,
         build_scheduler,
         freeze_untrained,
+        matmul_precision,
+        resolve_amp,
         train_step,
     )
     from detailfusion.train.stages import cache_branch_outputs
@@ -103,36 +105,38 @@ def run_stage(config: str, stage: str, batch: int, steps: int, warmup: int, devi
     freeze_untrained(task, groups)
     opt = build_optimizer(groups, cfg)
     scheduler = build_scheduler(opt, cfg)
-    autocast, scaler = autocast_for(dev, amp)
+    mode = resolve_amp(dev, amp)  # the format auto picks on this device
+    autocast, scaler = autocast_for(dev, mode)
     task.train()
     engine = torch.compile(task) if compile_forward else None
 
     def one_step(step: int) -> None:
         train_step(task, opt, scheduler, cfg, step, device=dev, engine=engine, autocast=autocast, scaler=scaler)
 
-    t_warm = time.perf_counter()
-    for s in range(warmup):
-        one_step(s)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    warmup_s = time.perf_counter() - t_warm
-    flops = None
-    if dev.type == "cuda":
-        from torch.utils.flop_counter import FlopCounterMode
+    with matmul_precision(mode):  # matmul-bf16: oneDNN's bf16 matrix products for the steps timed
+        t_warm = time.perf_counter()
+        for s in range(warmup):
+            one_step(s)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        warmup_s = time.perf_counter() - t_warm
+        flops = None
+        if dev.type == "cuda":
+            from torch.utils.flop_counter import FlopCounterMode
 
-        with FlopCounterMode(display=False) as counter:
-            one_step(warmup)
-        flops = counter.get_total_flops()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for s in range(warmup, warmup + steps):
-        one_step(s)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+            with FlopCounterMode(display=False) as counter:
+                one_step(warmup)
+            flops = counter.get_total_flops()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for s in range(warmup, warmup + steps):
+            one_step(s)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
     out = {
-        "config": config, "stage": stage, "device": str(dev), "amp": amp, "compile": compile_forward,
+        "config": config, "stage": stage, "device": str(dev), "amp": mode, "compile": compile_forward,
         "batch": batch, "steps": steps, "threads": torch.get_num_threads(),
         "samples_per_s": round(batch * steps / dt, 2), "step_s": round(dt / steps, 4),
         "warmup_steps": warmup, "warmup_s": round(warmup_s, 2),
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--amp", default="off", choices=["off", "bf16", "fp16", "auto"])
+    ap.add_argument("--amp", default="off", choices=["off", "bf16", "fp16", "matmul-bf16", "auto"])
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="torch.compile the task's forward (warm-up compiles)")
     ap.add_argument("--out", default="bench/results/train_throughput.json")

@@ -18,14 +18,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from detailfusion.params import repo_section
+from detailfusion.train import loop as loop_module
 from detailfusion.train.config import LoopConfig
 from detailfusion.train.data import StepSampler, Triplets
 from detailfusion.train.loop import (
     autocast_for,
     build_optimizer,
     build_scheduler,
+    cpu_has_native_bf16,
     freeze_untrained,
     load_checkpoint,
+    matmul_precision,
+    resolve_amp,
     run_training,
     train_step,
 )
@@ -346,6 +350,78 @@ def test_bf16_autocast_on_cpu():
     after = _params(task)
     assert all(v.dtype == torch.float32 for v in after.values())  # master weights stay fp32
     assert all(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags():
+    assert cpu_has_native_bf16("processor : 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_has_native_bf16("flags : fpu avx512f amx_tile amx_bf16 amx_int8\n")
+    assert not cpu_has_native_bf16("flags : fpu sse2 avx2 avx512f avx512bw\n")  # AVX-512 alone emulates bf16
+    assert not cpu_has_native_bf16("")
+    assert not cpu_has_native_bf16("model name : x\nbf16_flags : avx512_bf16\n")  # only the flags line counts
+
+
+def test_resolve_amp_picks_the_devices_format(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_amp(cuda, "auto") == "bf16"
+    monkeypatch.setattr(loop_module, "cpu_has_native_bf16", lambda: True)
+    assert resolve_amp(cpu, "auto") == "matmul-bf16"
+    monkeypatch.setattr(loop_module, "cpu_has_native_bf16", lambda: False)
+    assert resolve_amp(cpu, "auto") == "off"
+    for amp in ("off", "bf16", "fp16", "matmul-bf16"):
+        assert resolve_amp(cpu, amp) == amp  # an explicit format is kept
+    with pytest.raises(ValueError, match="loop.amp: matmul-bf16 is a CPU format"):
+        resolve_amp(cuda, "matmul-bf16")
+    ctx, scaler = autocast_for(cpu, "matmul-bf16")
+    assert scaler is None and not isinstance(ctx, torch.autocast)  # fp32 tensors: no autocast
+
+
+def _mkldnn_precisions() -> tuple[str, str]:
+    return torch.backends.mkldnn.matmul.fp32_precision, torch.backends.mkldnn.conv.fp32_precision
+
+
+def test_matmul_precision_sets_and_restores_the_settings():
+    before = _mkldnn_precisions()
+    with matmul_precision("off"):
+        assert _mkldnn_precisions() == before  # every other format leaves them alone
+    with matmul_precision("matmul-bf16"):
+        assert _mkldnn_precisions() == ("bf16", "bf16")
+    assert _mkldnn_precisions() == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with matmul_precision("matmul-bf16"):
+            raise RuntimeError("boom")
+    assert _mkldnn_precisions() == before  # restored on an error too
+
+
+def test_matmul_bf16_sends_matrix_products_to_onednn(capfd):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1088, 128, generator=g), torch.randn(128, 384, generator=g)  # a stage-2 product
+    verbose = torch.backends.mkldnn.VERBOSE_ON
+    with torch.backends.mkldnn.verbose(verbose):
+        exact = a @ b
+    assert "exec,cpu,matmul" not in capfd.readouterr().out  # fp32 products go to the BLAS
+    with matmul_precision("matmul-bf16"):
+        with torch.backends.mkldnn.verbose(verbose):
+            fast = a @ b
+    out = capfd.readouterr().out
+    assert "exec,cpu,matmul" in out and "attr-fpmath:bf16" in out  # oneDNN, bf16 math permitted
+    assert fast.dtype == torch.float32
+    # within bf16 rounding of the inputs (on a CPU without AMX oneDNN keeps fp32 kernels: closer still)
+    torch.testing.assert_close(fast, exact, rtol=2e-2, atol=0.1)
+
+
+def test_run_training_records_and_scopes_the_format(tmp_path):
+    before = _mkldnn_precisions()
+    runs = {amp: RegressionTask() for amp in ("off", "matmul-bf16")}
+    summaries = {amp: run_training(t, _cfg(amp=amp), tmp_path / amp, progress=False) for amp, t in runs.items()}
+    assert summaries["off"]["amp"] == "off" and summaries["matmul-bf16"]["amp"] == "matmul-bf16"
+    assert _mkldnn_precisions() == before  # evaluation after the loop runs in full fp32
+    for amp in runs:
+        assert math.isfinite(summaries[amp]["final_loss"])
+        assert all(v.dtype == torch.float32 for v in _params(runs[amp]).values())
+    for k, v in _params(runs["matmul-bf16"]).items():  # the same training
+        torch.testing.assert_close(v, _params(runs["off"])[k], rtol=2e-2, atol=2e-3)
+    auto = run_training(RegressionTask(), _cfg(amp="auto"), tmp_path / "auto", progress=False)
+    assert auto["amp"] == ("matmul-bf16" if cpu_has_native_bf16() else "off")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 + GradScaler needs CUDA")

@@ -49,7 +49,9 @@ class LoopConfig:
     min_lr_ratio: float
     grad_accum: int
     grad_clip: float
-    amp: Literal["auto", "bf16", "fp16", "off"]  # auto: bf16 on CUDA, fp32 on CPU
+    # auto: bf16 on CUDA; on a CPU with bf16 in hardware matmul-bf16 (fp32 tensors, bf16 matrix
+    # products), else off (fp32)
+    amp: Literal["auto", "bf16", "fp16", "matmul-bf16", "off"]
     checkpoint_every: int
     seed: int
     device: str = "auto"  # not a param: auto | cpu | cuda | cuda:N (auto: the rank's GPU, else CPU)

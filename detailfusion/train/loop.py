@@ -3,7 +3,8 @@
 It reads as a story (:func:`run_training`): put the task on its device, freeze what no optimiser
 group trains, build optimiser and schedule, resume if a checkpoint exists, then for each step run
 :func:`train_step` (micro-batches -> forward -> loss -> backward, clip, step), log, checkpoint.
-AMP (bf16 on CUDA, fp32 on CPU), gradient accumulation, DDP under ``torchrun`` and resumable
+AMP (bf16 on CUDA; on a CPU with bf16 in hardware fp32 with bf16 matrix products, else fp32),
+gradient accumulation, DDP under ``torchrun`` and resumable
 checkpoints are handled here so the tasks stay about their losses (``tasks.LoopTask`` says what
 the loop needs from a task).
 """
@@ -53,13 +54,71 @@ def distributed_info() -> tuple[int, int]:
     return rank, world
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 in hardware (the AVX512-BF16 or AMX-BF16 flag of Linux's
+    ``/proc/cpuinfo``, or of the ``cpuinfo`` text given). False where that cannot be read: oneDNN
+    would emulate bf16 there, which is slower than fp32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_amp(device: torch.device, amp: str) -> str:
+    """The number format ``loop.amp`` trains in on ``device``: ``bf16`` / ``fp16`` (autocast),
+    ``matmul-bf16`` (fp32 tensors, oneDNN matrix products with bf16 math permitted; CPU only,
+    :func:`matmul_precision`) or
+    ``off`` (fp32). ``auto``: bf16 on CUDA, matmul-bf16 on a CPU with bf16 in hardware, else fp32."""
+    if amp == "auto":
+        if device.type == "cuda":
+            return "bf16"
+        return "matmul-bf16" if device.type == "cpu" and cpu_has_native_bf16() else "off"
+    if amp == "matmul-bf16" and device.type != "cpu":
+        raise ValueError(f"loop.amp: matmul-bf16 is a CPU format (oneDNN); on {device.type} use bf16 or auto")
+    return amp
+
+
 def autocast_for(device: torch.device, amp: str):
-    """(autocast context, GradScaler or None): bf16 needs no scaler, fp16 does, fp32 neither."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+    """(autocast context, GradScaler or None): bf16 needs no scaler, fp16 does, fp32 and
+    matmul-bf16 (no autocast: see :func:`matmul_precision`) neither."""
+    amp = resolve_amp(device, amp)
+    if amp in ("off", "matmul-bf16"):
         return contextlib.nullcontext(), None
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     return torch.autocast(device_type=device.type, dtype=dtype), scaler
+
+
+@contextlib.contextmanager
+def matmul_precision(amp: str):
+    """The process-wide precision of a training loop in the resolved format ``amp``.
+
+    For ``matmul-bf16``: tensors, weights, gradients and optimiser state stay fp32, and matrix
+    products and convolutions (forward and backward) go to oneDNN with bf16 math permitted (what
+    PyTorch calls bf32). oneDNN computes them in bf16 where the CPU has AMX; on an AVX-512 CPU
+    such as the AMD EPYC of the committed runs it keeps its fp32 kernels, which run there about
+    twice as fast as the BLAS's and agree with them to fp32 rounding. Attention takes the math
+    kernel (matrix products and a softmax), since the CPU flash-attention kernel becomes several
+    times slower in this mode. Every other format leaves the settings as they are. The previous
+    settings come back on exit, so evaluation after training runs as before.
+    """
+    if amp != "matmul-bf16":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mkldnn = torch.backends.mkldnn
+    before = (mkldnn.matmul.fp32_precision, mkldnn.conv.fp32_precision)
+    mkldnn.matmul.fp32_precision = "bf16"
+    mkldnn.conv.fp32_precision = "bf16"
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        mkldnn.matmul.fp32_precision, mkldnn.conv.fp32_precision = before
 
 
 # --------------------------------------------------------------------------- optimiser and schedule
@@ -287,7 +346,8 @@ def run_training(
         log.info("%s: %d parameter tensors in no optimiser group are frozen", task.name, len(frozen))
     optimizer = build_optimizer(groups, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    autocast, scaler = autocast_for(device, cfg.amp)
+    amp = resolve_amp(device, cfg.amp)
+    autocast, scaler = autocast_for(device, amp)
 
     # Dropout and other in-loop randomness start from the run seed (torch's own initial seed
     # differs per process); a resumed run restores the generator state of its checkpoint instead.
@@ -318,36 +378,38 @@ def run_training(
         total=cfg.max_steps, initial=start, desc=task.name, disable=not progress or rank != 0, dynamic_ncols=True
     )
     task.train()
-    try:
-        for step in range(start, cfg.max_steps):
-            logs, n = train_step(task, optimizer, scheduler, cfg, step, device=device, engine=engine,
-                                 autocast=autocast, scaler=scaler, rank=rank, world=world)  # fmt: skip
-            completed = step + 1
-            samples += n
-            for k, v in logs.items():
-                history.setdefault(k, deque(maxlen=FINAL_TAIL)).append(v)
-            elapsed = time.perf_counter() - t0
-            rate = (samples - samples_before) / elapsed if elapsed > 0 else 0.0
-            if rank == 0:
-                bar.update(1)
-                bar.set_postfix(loss=f"{logs['loss']:.3f}", sps=f"{rate:.0f}")
-                if on_log is not None and (completed % cfg.log_every == 0 or completed == cfg.max_steps):
-                    on_log(completed, {**logs, **group_lrs(optimizer, scheduler), "samples_per_s": rate})
-                if completed % cfg.checkpoint_every == 0 or completed == cfg.max_steps:
-                    save_checkpoint(ckpt_path, task, optimizer, scheduler, completed,
-                                    _resume_extra(extra, history, samples))
-    except KeyboardInterrupt:
-        if rank == 0 and completed > start:
-            save_checkpoint(ckpt_path, task, optimizer, scheduler, completed,
-                            _resume_extra(extra, history, samples))
-            log.warning("interrupted: checkpoint saved at step %d (%s); rerun to resume", completed, ckpt_path)
-        raise
-    finally:
-        bar.close()
+    with matmul_precision(amp):  # bf16 matrix products on CPUs made for them (loop.amp)
+        try:
+            for step in range(start, cfg.max_steps):
+                logs, n = train_step(task, optimizer, scheduler, cfg, step, device=device, engine=engine,
+                                     autocast=autocast, scaler=scaler, rank=rank, world=world)  # fmt: skip
+                completed = step + 1
+                samples += n
+                for k, v in logs.items():
+                    history.setdefault(k, deque(maxlen=FINAL_TAIL)).append(v)
+                elapsed = time.perf_counter() - t0
+                rate = (samples - samples_before) / elapsed if elapsed > 0 else 0.0
+                if rank == 0:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{logs['loss']:.3f}", sps=f"{rate:.0f}")
+                    if on_log is not None and (completed % cfg.log_every == 0 or completed == cfg.max_steps):
+                        on_log(completed, {**logs, **group_lrs(optimizer, scheduler), "samples_per_s": rate})
+                    if completed % cfg.checkpoint_every == 0 or completed == cfg.max_steps:
+                        save_checkpoint(ckpt_path, task, optimizer, scheduler, completed,
+                                        _resume_extra(extra, history, samples))
+        except KeyboardInterrupt:
+            if rank == 0 and completed > start:
+                save_checkpoint(ckpt_path, task, optimizer, scheduler, completed,
+                                _resume_extra(extra, history, samples))
+                log.warning("interrupted: checkpoint saved at step %d (%s); rerun to resume", completed, ckpt_path)
+            raise
+        finally:
+            bar.close()
 
     elapsed = time.perf_counter() - t0
     summary = {
         "steps": cfg.max_steps,
+        "amp": amp,  # the resolved number format (loop.amp auto depends on the device)
         "resumed_from": start,
         "seconds": round(elapsed, 2),
         "samples": samples,
