@@ -25,7 +25,7 @@ from detailfusion.train.loop import (
     autocast_for,
     build_optimizer,
     build_scheduler,
-    cpu_has_native_bf16,
+    cpu_prefers_onednn_fp32,
     freeze_untrained,
     load_checkpoint,
     matmul_precision,
@@ -353,19 +353,21 @@ def test_bf16_autocast_on_cpu():
 
 
 def test_cpu_bf16_detection_reads_the_cpu_flags():
-    assert cpu_has_native_bf16("processor : 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
-    assert cpu_has_native_bf16("flags : fpu avx512f amx_tile amx_bf16 amx_int8\n")
-    assert not cpu_has_native_bf16("flags : fpu sse2 avx2 avx512f avx512bw\n")  # AVX-512 alone emulates bf16
-    assert not cpu_has_native_bf16("")
-    assert not cpu_has_native_bf16("model name : x\nbf16_flags : avx512_bf16\n")  # only the flags line counts
+    zen5 = "processor : 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n"
+    assert cpu_prefers_onednn_fp32(zen5)  # oneDNN keeps fp32 kernels there, faster than the BLAS's
+    # with AMX oneDNN would compute in bf16: auto keeps fp32
+    assert not cpu_prefers_onednn_fp32("flags : fpu avx512f avx512_bf16 amx_tile amx_bf16 amx_int8\n")
+    assert not cpu_prefers_onednn_fp32("flags : fpu sse2 avx2 avx512f avx512bw\n")  # not measured: fp32
+    assert not cpu_prefers_onednn_fp32("")
+    assert not cpu_prefers_onednn_fp32("model name : x\nbf16_flags : avx512_bf16\n")  # only the flags line
 
 
 def test_resolve_amp_picks_the_devices_format(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_amp(cuda, "auto") == "bf16"
-    monkeypatch.setattr(loop_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(loop_module, "cpu_prefers_onednn_fp32", lambda: True)
     assert resolve_amp(cpu, "auto") == "matmul-bf16"
-    monkeypatch.setattr(loop_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(loop_module, "cpu_prefers_onednn_fp32", lambda: False)
     assert resolve_amp(cpu, "auto") == "off"
     for amp in ("off", "bf16", "fp16", "matmul-bf16"):
         assert resolve_amp(cpu, amp) == amp  # an explicit format is kept
@@ -421,7 +423,7 @@ def test_run_training_records_and_scopes_the_format(tmp_path):
     for k, v in _params(runs["matmul-bf16"]).items():  # the same training
         torch.testing.assert_close(v, _params(runs["off"])[k], rtol=2e-2, atol=2e-3)
     auto = run_training(RegressionTask(), _cfg(amp="auto"), tmp_path / "auto", progress=False)
-    assert auto["amp"] == ("matmul-bf16" if cpu_has_native_bf16() else "off")
+    assert auto["amp"] == ("matmul-bf16" if cpu_prefers_onednn_fp32() else "off")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 + GradScaler needs CUDA")

@@ -49,8 +49,8 @@ class LoopConfig:
     min_lr_ratio: float
     grad_accum: int
     grad_clip: float
-    # auto: bf16 on CUDA; on a CPU with bf16 in hardware matmul-bf16 (fp32 tensors, bf16 matrix
-    # products), else off (fp32)
+    # auto: bf16 on CUDA; on a CPU with AVX512-BF16 and no AMX matmul-bf16 (fp32 tensors, oneDNN's
+    # matrix products, which stay fp32 there), else off (fp32)
     amp: Literal["auto", "bf16", "fp16", "matmul-bf16", "off"]
     checkpoint_every: int
     seed: int

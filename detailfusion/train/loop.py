@@ -3,7 +3,7 @@
 It reads as a story (:func:`run_training`): put the task on its device, freeze what no optimiser
 group trains, build optimiser and schedule, resume if a checkpoint exists, then for each step run
 :func:`train_step` (micro-batches -> forward -> loss -> backward, clip, step), log, checkpoint.
-AMP (bf16 on CUDA; on a CPU with bf16 in hardware fp32 with bf16 matrix products, else fp32),
+AMP (bf16 on CUDA; fp32 on the CPU, with oneDNN's matrix products where they are faster),
 gradient accumulation, DDP under ``torchrun`` and resumable
 checkpoints are handled here so the tasks stay about their losses (``tasks.LoopTask`` says what
 the loop needs from a task).
@@ -54,28 +54,31 @@ def distributed_info() -> tuple[int, int]:
     return rank, world
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU multiplies bf16 in hardware (the AVX512-BF16 or AMX-BF16 flag of Linux's
-    ``/proc/cpuinfo``, or of the ``cpuinfo`` text given). False where that cannot be read: oneDNN
-    would emulate bf16 there, which is slower than fp32."""
+def cpu_prefers_onednn_fp32(cpuinfo: str | None = None) -> bool:
+    """Whether ``loop.amp: auto`` picks ``matmul-bf16`` on this CPU: one with AVX512-BF16 and
+    without AMX (Linux's ``/proc/cpuinfo`` flags, or those of the ``cpuinfo`` text given). There
+    oneDNN, allowed bf16 math, keeps its fp32 kernels, which beat the BLAS's (measured on an AMD
+    EPYC, Zen 5; README "Where the time goes"). With AMX it would compute in bf16, so auto keeps
+    fp32 there; without AVX512-BF16 nothing was measured. False where the flags cannot be read."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return False
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "avx512_bf16" in flags and "amx_bf16" not in flags
 
 
 def resolve_amp(device: torch.device, amp: str) -> str:
     """The number format ``loop.amp`` trains in on ``device``: ``bf16`` / ``fp16`` (autocast),
     ``matmul-bf16`` (fp32 tensors, oneDNN matrix products with bf16 math permitted; CPU only,
     :func:`matmul_precision`) or
-    ``off`` (fp32). ``auto``: bf16 on CUDA, matmul-bf16 on a CPU with bf16 in hardware, else fp32."""
+    ``off`` (fp32). ``auto``: bf16 on CUDA, matmul-bf16 where :func:`cpu_prefers_onednn_fp32`,
+    else fp32."""
     if amp == "auto":
         if device.type == "cuda":
             return "bf16"
-        return "matmul-bf16" if device.type == "cpu" and cpu_has_native_bf16() else "off"
+        return "matmul-bf16" if device.type == "cpu" and cpu_prefers_onednn_fp32() else "off"
     if amp == "matmul-bf16" and device.type != "cpu":
         raise ValueError(f"loop.amp: matmul-bf16 is a CPU format (oneDNN); on {device.type} use bf16 or auto")
     return amp
