@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detailfusion.errors import ConfigError
 from detailfusion.params import repo_section
 from detailfusion.train import loop as loop_module
 from detailfusion.train.config import LoopConfig
@@ -371,7 +372,7 @@ def test_resolve_amp_picks_the_devices_format(monkeypatch):
     assert resolve_amp(cpu, "auto") == "off"
     for amp in ("off", "bf16", "fp16", "matmul-bf16"):
         assert resolve_amp(cpu, amp) == amp  # an explicit format is kept
-    with pytest.raises(ValueError, match="loop.amp: matmul-bf16 is a CPU format"):
+    with pytest.raises(ConfigError, match="loop.amp: matmul-bf16 is a CPU format"):  # one line from the CLI
         resolve_amp(cuda, "matmul-bf16")
     ctx, scaler = autocast_for(cpu, "matmul-bf16")
     assert scaler is None and not isinstance(ctx, torch.autocast)  # fp32 tensors: no autocast

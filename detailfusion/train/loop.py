@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from detailfusion.errors import ConfigError
 from detailfusion.fsutil import atomic_path
 from detailfusion.pipeline import local_rank
 from detailfusion.train.config import LoopConfig
@@ -80,7 +81,7 @@ def resolve_amp(device: torch.device, amp: str) -> str:
             return "bf16"
         return "matmul-bf16" if device.type == "cpu" and cpu_prefers_onednn_fp32() else "off"
     if amp == "matmul-bf16" and device.type != "cpu":
-        raise ValueError(f"loop.amp: matmul-bf16 is a CPU format (oneDNN); on {device.type} use bf16 or auto")
+        raise ConfigError(f"loop.amp: matmul-bf16 is a CPU format (oneDNN); on {device.type} use bf16 or auto")
     return amp
 
 
