@@ -113,7 +113,7 @@ def run_stage(config: str, stage: str, batch: int, steps: int, warmup: int, devi
     def one_step(step: int) -> None:
         train_step(task, opt, scheduler, cfg, step, device=dev, engine=engine, autocast=autocast, scaler=scaler)
 
-    with matmul_precision(mode):  # matmul-bf16: oneDNN's bf16 matrix products for the steps timed
+    with matmul_precision(mode):  # matmul-bf16: matrix products by oneDNN (bf16 math permitted) for the steps timed
         t_warm = time.perf_counter()
         for s in range(warmup):
             one_step(s)
